@@ -1,0 +1,7 @@
+"""corexp: attention-based LLM re-ranking experiments (CoRe heads, QRHead, ICR)."""
+
+__version__ = "0.1.0"
+
+from corexp.errors import CorexpError  # noqa: E402
+
+__all__ = ["CorexpError", "__version__"]

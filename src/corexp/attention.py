@@ -1,0 +1,112 @@
+"""Attention read-out (METHOD.md §2): fp32 attention rows of the query span, for the requested heads only.
+
+A custom attention function registered with transformers' AttentionInterface receives every layer's post-RoPE
+query and key states. It runs the model's normal SDPA attention for the hidden states and, for requested layers,
+computes softmax(s * q_t k_j + mask) only for rows t of the query span: never an n x n matrix and never
+`output_attentions`. Key columns map to absolute positions from the cache length, so sliding-window caches work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTN_IMPLEMENTATION = "corexp_readout"
+
+
+class Readout:
+    """Per layer, the mean over query-span rows of the attention probabilities of selected heads.
+
+    heads: layer -> head indices (None: every head of every layer).
+    rows: [start, end) of the query span, relative to the tokens of the current forward call.
+    past_len: tokens already in the KV cache before this call (absolute position of the call's first token).
+    """
+
+    def __init__(self, heads: dict[int, list[int]] | None, rows: tuple[int, int], past_len: int = 0):
+        self.heads = heads
+        self.rows = rows
+        self.past_len = past_len
+        self.layers: dict[int, torch.Tensor] = {}  # layer -> (n_heads_sel, total_len) fp32
+        self.labels: dict[int, list[int]] = {}  # layer -> head indices of the rows in self.layers[layer]
+        self._index_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def wants(self, layer: int) -> bool:
+        return self.heads is None or layer in self.heads
+
+    def head_index(self, layer: int, n_heads: int, device: torch.device) -> torch.Tensor:
+        key = (layer, n_heads)
+        if key not in self._index_cache:
+            sel = range(n_heads) if self.heads is None else self.heads[layer]
+            self._index_cache[key] = torch.tensor(list(sel), dtype=torch.long, device=device)
+        return self._index_cache[key]
+
+    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                sliding_window: int | None = None, softcap: float | None = None) -> None:
+        n_heads, n_new = query.shape[1], query.shape[2]
+        heads = self.head_index(layer, n_heads, query.device)
+        r0, r1 = self.rows
+        n_rep = n_heads // key.shape[1]
+        q = query[0, heads, r0:r1].float()  # (h, |Q|, d)
+        k = key[0, torch.div(heads, n_rep, rounding_mode="floor")].float()  # (h, S_l, d)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        total = self.past_len + n_new
+        s_l = k.shape[1]
+        k_pos = torch.arange(total - s_l, total, device=q.device)
+        q_pos = torch.arange(self.past_len + r0, self.past_len + r1, device=q.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window:
+            allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (h, S_l)
+        if s_l < total:
+            probs = torch.nn.functional.pad(probs, (total - s_l, 0))
+        self.layers[layer] = probs
+        self.labels[layer] = heads.tolist()
+
+    def head_matrix(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """(layer, head) labels and a (n_heads_total, total_len) matrix of mean attention rows."""
+        labels, rows = [], []
+        for layer in sorted(self.layers):
+            labels += [(layer, h) for h in self.labels[layer]]
+            rows.append(self.layers[layer])
+        return labels, torch.cat(rows, dim=0)
+
+
+_ACTIVE: contextvars.ContextVar[Readout | None] = contextvars.ContextVar("corexp_readout", default=None)
+
+
+@contextlib.contextmanager
+def recording(readout: Readout | None) -> Iterator[Readout | None]:
+    token = _ACTIVE.set(readout)
+    try:
+        yield readout
+    finally:
+        _ACTIVE.reset(token)
+
+
+def readout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """SDPA attention for the model's output, plus the query-span read-out when a Readout is active."""
+    rec = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if rec is not None and layer is not None and rec.wants(layer):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rec.capture(layer, query, key, scale, kwargs.get("sliding_window"), kwargs.get("softcap"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Make `attn_implementation="corexp_readout"` available to every transformers model."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, readout_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION
+
+
+register()

@@ -1,0 +1,265 @@
+"""Datasets: queries, qrels, documents and an optional first-stage run, from ir_datasets or a BEIR-layout folder."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from corexp.errors import CorexpError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+
+
+class DocStore(Protocol):
+    def get_many(self, ids: list[str]) -> dict[str, Document]: ...
+    def iter_docs(self) -> Iterator[Document]: ...
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class IRDataset:
+    """What an experiment needs from a dataset; `fingerprint` keys caches built from it."""
+
+    name: str
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    docs: DocStore
+    run: dict[str, list[tuple[str, float]]] | None = None
+    fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorexpError(f"{path}:{lineno}: malformed JSON line ({err.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict) or "_id" not in obj:
+                raise CorexpError(f"{path}:{lineno}: each line needs an object with an '_id' field")
+            yield obj
+
+
+def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        for lineno, row in enumerate(reader, 1):
+            if not row or (lineno == 1 and row[0] == "query-id"):
+                continue
+            if len(row) == 4:  # TREC qrels: qid iter docid rel
+                row = [row[0], row[2], row[3]]
+            if len(row) != 3:
+                raise CorexpError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score'")
+            try:
+                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+            except ValueError:
+                raise CorexpError(f"{path}:{lineno}: relevance '{row[2]}' is not an integer") from None
+    return qrels
+
+
+def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+    """A TREC run as ranked lists (by score, then by the file's rank column)."""
+    rows: dict[str, list[tuple[int, float, str]]] = {}
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise CorexpError(f"{path}:{lineno}: malformed TREC run line (need 'qid Q0 docid rank score tag')")
+            try:
+                rank, score = int(parts[3]), float(parts[4])
+            except ValueError:
+                raise CorexpError(f"{path}:{lineno}: rank/score are not numbers in the TREC run") from None
+            rows.setdefault(parts[0], []).append((rank, score, parts[2]))
+    return {
+        qid: [(d, s) for _, s, d in sorted(items, key=lambda x: (-x[1], x[0]))] for qid, items in rows.items()
+    }
+
+
+def write_trec_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> None:
+    from corexp.cache import atomic_write_text
+
+    lines = [
+        f"{qid} Q0 {doc} {rank} {score:.6f} {tag}"
+        for qid in sorted(run)
+        for rank, (doc, score) in enumerate(run[qid], 1)
+    ]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class DictDocStore:
+    """All documents in memory: BEIR-layout folders (the SciFact/NFCorpus-sized sets this runs on locally)."""
+
+    def __init__(self, docs: dict[str, Document]):
+        self._docs = docs
+
+    def get_many(self, ids: list[str]) -> dict[str, Document]:
+        return {i: self._docs[i] for i in ids if i in self._docs}
+
+    def iter_docs(self) -> Iterator[Document]:
+        return iter(self._docs.values())
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+
+class IrdsDocStore:
+    """ir_datasets' own docstore: lookups by id without loading multi-million-document corpora into memory."""
+
+    def __init__(self, dataset: Any):
+        self._ds = dataset
+        self._store = None
+
+    def _lookup(self):
+        if self._store is None:
+            self._store = self._ds.docs_store()
+        return self._store
+
+    @staticmethod
+    def _convert(doc: Any) -> Document:
+        title = getattr(doc, "title", "") or ""
+        text = getattr(doc, "text", None)
+        if text is None:
+            text = getattr(doc, "default_text", lambda: "")()
+        return Document(doc.doc_id, title, text)
+
+    def get_many(self, ids: list[str]) -> dict[str, Document]:
+        found = self._lookup().get_many(ids)
+        return {i: self._convert(d) for i, d in found.items()}
+
+    def iter_docs(self) -> Iterator[Document]:
+        return (self._convert(d) for d in self._ds.docs_iter())
+
+    def __len__(self) -> int:
+        return self._ds.docs_count() or 0
+
+
+def load_local(folder: str | Path, split: str, name: str, run_file: str | None = None) -> IRDataset:
+    """A BEIR-layout folder; queries are restricted to those judged in qrels/<split>.tsv."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CorexpError(f"data folder {folder} does not exist; set data.local_dir to a BEIR-layout folder")
+    corpus_path, queries_path = _find(folder, "corpus.jsonl"), _find(folder, "queries.jsonl")
+    qrels_path = _find(folder / "qrels", f"{split}.tsv")
+    for label, path, expected in (
+        ("corpus", corpus_path, "corpus.jsonl"),
+        ("queries", queries_path, "queries.jsonl"),
+        ("qrels", qrels_path, f"qrels/{split}.tsv"),
+    ):
+        if path is None:
+            hint = " (this split has no qrels: choose data.split with a qrels file)" if label == "qrels" else ""
+            raise CorexpError(f"{folder}: missing {expected}{hint}")
+    docs: dict[str, Document] = {}
+    for obj in read_jsonl(corpus_path):
+        doc_id = str(obj["_id"])
+        if doc_id in docs:
+            raise CorexpError(f"{corpus_path}: duplicate document id '{doc_id}'; document ids must be unique")
+        docs[doc_id] = Document(doc_id, obj.get("title") or "", obj.get("text") or "")
+    qrels = read_beir_qrels(qrels_path)
+    all_queries = {str(o["_id"]): str(o.get("text") or "") for o in read_jsonl(queries_path)}
+    missing = [q for q in qrels if q not in all_queries]
+    if missing:
+        raise CorexpError(f"{qrels_path}: {len(missing)} judged query ids are not in queries.jsonl (e.g. '{missing[0]}')")
+    queries = {q: all_queries[q] for q in qrels}
+    run = None
+    run_path = Path(run_file).expanduser() if run_file else next(iter(sorted(folder.glob("run*.trec*"))), None)
+    if run_path is not None:
+        if not run_path.is_file():
+            raise CorexpError(f"first-stage run {run_path} does not exist; fix data.run_file")
+        run = read_trec_run(run_path)
+    fingerprint = f"local:{folder.resolve()}:{split}:{corpus_path.stat().st_size}:{corpus_path.stat().st_mtime_ns}"
+    return IRDataset(name, queries, qrels, DictDocStore(docs), run, fingerprint, {"source": str(folder), "split": split})
+
+
+def load_irds(irds_id: str, name: str, run_file: str | None = None) -> IRDataset:
+    """Any ir_datasets id with queries and qrels; scoreddocs (if any) become the first-stage run."""
+    import ir_datasets
+
+    try:
+        ds = ir_datasets.load(irds_id)
+    except KeyError:
+        raise CorexpError(f"unknown ir_datasets id '{irds_id}'; see https://ir-datasets.com for valid ids") from None
+    if not ds.has_qrels():
+        raise CorexpError(f"'{irds_id}' has no qrels; pick a split with relevance judgments (e.g. .../test)")
+    if not ds.has_queries():
+        raise CorexpError(f"'{irds_id}' has no queries")
+    queries = {}
+    for q in ds.queries_iter():
+        text = getattr(q, "text", None)
+        if text is None:
+            text = q.default_text()
+        queries[q.query_id] = text
+    qrels: dict[str, dict[str, int]] = {}
+    for qr in ds.qrels_iter():
+        qrels.setdefault(qr.query_id, {})[qr.doc_id] = int(qr.relevance)
+    queries = {q: t for q, t in queries.items() if q in qrels}
+    run = None
+    if run_file:
+        run = read_trec_run(Path(run_file).expanduser())
+    elif ds.has_scoreddocs():
+        scored: dict[str, list[tuple[str, float]]] = {}
+        for i, sd in enumerate(ds.scoreddocs_iter()):
+            scored.setdefault(sd.query_id, []).append((sd.doc_id, float(sd.score) - i * 1e-9))
+        run = {q: sorted(v, key=lambda x: -x[1]) for q, v in scored.items()}
+    return IRDataset(name, queries, qrels, IrdsDocStore(ds), run, f"irds:{irds_id}", {"source": irds_id})
+
+
+def load_dataset(cfg: Any) -> IRDataset:
+    """Dispatch on the data config: a local folder wins over an ir_datasets id."""
+    if cfg.get("local_dir"):
+        ds = load_local(cfg.local_dir, cfg.get("split", "test"), cfg.name, cfg.get("run_file"))
+    elif cfg.get("irds_id"):
+        ds = load_irds(cfg.irds_id, cfg.name, cfg.get("run_file"))
+    else:
+        raise CorexpError(f"data config '{cfg.get('name')}' sets neither local_dir nor irds_id")
+    for qid, text in ds.queries.items():
+        if not text.strip():
+            raise CorexpError(f"query '{qid}' of {ds.name} has empty text; remove it or fix queries.jsonl")
+    return ds
+
+
+def select_queries(ds: IRDataset, max_queries: int | None, query_ids: list[str] | None = None) -> list[str]:
+    """Evaluation queries in a stable order (sorted ids), optionally the first N."""
+    ids = sorted(ds.queries, key=_natural_key)
+    if query_ids:
+        wanted = [str(q) for q in query_ids]
+        unknown = [q for q in wanted if q not in ds.queries]
+        if unknown:
+            raise CorexpError(f"query ids not in {ds.name}: {unknown[:5]}")
+        ids = wanted
+    if max_queries is not None:
+        ids = ids[: int(max_queries)]
+    return ids
+
+
+def _natural_key(s: str) -> tuple[int, int | str]:
+    return (0, int(s)) if s.isdigit() else (1, s)
