@@ -83,7 +83,7 @@ class PromptConfig:
     query_span_end: str = "query"  # query | prompt_end
     doc_order: str = "retriever"  # retriever | reversed | shuffled
     doc_field: str = "text"  # text | title_text
-    max_words: int = 300
+    max_words: int = 100
     calibration_query: str = "N/A"
     instruction_style: str = "fixed"  # fixed | auto (ICR's question instruction on data.question_style sets)
     question_instruction: str = "Please answer the following question based on the information in the paragraphs above."

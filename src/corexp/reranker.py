@@ -1,0 +1,181 @@
+"""Attention re-ranker: one list-wise prompt, query-span attention of a head set, N/A calibration on the KV cache."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from corexp.attention import Readout, recording
+from corexp.data import Document
+from corexp.errors import CorexpError
+from corexp.models import LoadedModel
+from corexp.prompt import EncodedPrompt, encode, prepare_text, resolve_template, verify_spans, order_documents
+from corexp.scoring import document_scores, rank
+
+log = logging.getLogger(__name__)
+
+Head = tuple[int, int]
+
+
+def heads_by_layer(heads: list[Head] | None) -> dict[int, list[int]] | None:
+    if heads is None:
+        return None
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        out.setdefault(int(layer), []).append(int(head))
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+@dataclass
+class PassStats:
+    """Tokens processed by each forward call of the last query (prefix, real suffix, N/A suffix)."""
+
+    prompt_tokens: int = 0
+    pass_tokens: list[int] = field(default_factory=list)
+    dropped_docs: int = 0
+    span_mismatches: int = 0
+
+
+class AttentionReranker:
+    """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
+
+    def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
+                 instruction: str | None = None):
+        self.lm = lm
+        self.cfg = prompt_cfg
+        self.heads = heads
+        self.template = resolve_template(template, lm.tokenizer)
+        self.instruction = instruction or prompt_cfg.instruction
+        self.stats = PassStats()
+        if heads is not None:
+            bad = [h for h in heads if not (0 <= h[0] < lm.kept_layers and 0 <= h[1] < lm.num_heads)]
+            if bad:
+                raise CorexpError(
+                    f"heads {bad[:3]} are outside the model ({lm.kept_layers} layers kept x {lm.num_heads} heads)"
+                )
+            if not heads:
+                raise CorexpError("the head set is empty; choose heads.k >= 1")
+
+    # -- prompt ---------------------------------------------------------------------------------
+    def doc_texts(self, docs: list[Document]) -> list[str]:
+        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words) for d in docs]
+
+    def encode(self, query: str, texts: list[str], query_id: str = "") -> tuple[EncodedPrompt, list[int]]:
+        """Encode with the configured order; if the prompt overflows the context, drop the lowest-ranked candidates."""
+        n = len(texts)
+        while True:
+            order = order_documents(list(range(n)), self.cfg.doc_order, self.cfg.seed, query_id)
+            enc = encode(self.lm.tokenizer, [texts[i] for i in order], query, self.cfg, self.template, self.instruction)
+            if enc.length <= self.lm.max_context:
+                return enc, order
+            if self.cfg.overflow != "reduce" or n == 1:
+                raise CorexpError(
+                    f"prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context}); lower "
+                    "first_stage.depth or prompt.max_words, or set prompt.overflow=reduce"
+                )
+            n -= 1
+            self.stats.dropped_docs += 1
+
+    # -- forward passes -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefix(self, ids: torch.Tensor, q_start: int):
+        out = self.lm.model(ids[:, :q_start].to(self.lm.device), use_cache=True)
+        self.stats.pass_tokens.append(q_start)
+        return out.past_key_values
+
+    @torch.inference_mode()
+    def _suffix_readout(self, ids: torch.Tensor, q_start: int, q_end: int, cache, heads) -> Readout:
+        rec = Readout(heads, rows=(0, q_end - q_start), past_len=q_start)
+        with recording(rec):
+            self.lm.model(ids[:, q_start:].to(self.lm.device), cache=cache, use_cache=True)
+        self.stats.pass_tokens.append(int(ids.shape[1]) - q_start)
+        return rec
+
+    def _token_scores(self, rec: Readout, length: int) -> torch.Tensor:
+        total = None
+        for layer in sorted(rec.layers):
+            s = rec.layers[layer].sum(dim=0)
+            total = s if total is None else total + s
+        return total[:length].float().cpu()
+
+    def calibrated_scores(self, enc: EncodedPrompt, query: str, texts_in_order: list[str]) -> torch.Tensor:
+        """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are)."""
+        heads = heads_by_layer(self.heads)
+        na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
+        q_start = enc.q_start
+        cache = self._prefix(enc.input_ids, q_start)
+        shared = na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
+        na_cache = copy.deepcopy(cache) if shared else None
+        real = self._token_scores(self._suffix_readout(enc.input_ids, q_start, enc.q_end, cache, heads), q_start)
+        if na_cache is None:  # tokenization differs inside the prefix: fall back to a full pass
+            log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
+            na_cache = self._prefix(na.input_ids, na.q_start)
+        calib = self._token_scores(self._suffix_readout(na.input_ids, na.q_start, na.q_end, na_cache, heads), q_start)
+        return real - calib
+
+    @torch.inference_mode()
+    def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
+        """One forward, no calibration: attention mass a_{l,h}(d) of every head on every document (input order)."""
+        texts = self.doc_texts(docs)
+        enc = encode(self.lm.tokenizer, texts, query, self.cfg, self.template, self.instruction)
+        if enc.length > self.lm.max_context:
+            raise CorexpError(f"detection prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context})")
+        rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
+        with recording(rec):
+            self.lm.model(enc.input_ids.to(self.lm.device), use_cache=False)
+        labels, mat = rec.head_matrix()  # (n_heads, n)
+        csum = torch.nn.functional.pad(mat.cumsum(dim=1), (1, 0))
+        masses = torch.stack([csum[:, b] - csum[:, a] for a, b in enc.doc_spans], dim=1)
+        return labels, masses.cpu()
+
+    # -- public API -----------------------------------------------------------------------------
+    def score(self, query: str, docs: list[Document], query_id: str = "") -> list[float]:
+        """Calibrated attention score per document (input order); dropped overflow candidates get -inf-free minimum."""
+        if not query.strip():
+            raise CorexpError("empty query text")
+        if not docs:
+            return []
+        self.stats = PassStats()
+        texts = self.doc_texts(docs)
+        enc, order = self.encode(query, texts, query_id)
+        self.stats.prompt_tokens = enc.length
+        self.stats.span_mismatches = len(verify_spans(self.lm.tokenizer, enc))
+        c = self.calibrated_scores(enc, query, [texts[i] for i in order])
+        in_prompt = document_scores(c, enc.doc_spans)
+        scores = [0.0] * len(docs)
+        for pos, idx in enumerate(order):
+            scores[idx] = in_prompt[pos]
+        if len(order) < len(docs):  # candidates dropped for context length rank after the scored ones
+            floor = min(in_prompt) - 1.0
+            for k, idx in enumerate(range(len(order), len(docs))):
+                scores[idx] = floor - k
+        return scores
+
+    def rerank(self, query: str, docs: list[Document] | list[tuple[str, str]] | list[str], query_id: str = "") -> list[tuple[str, float]]:
+        """Ranked (doc id, score), best first. Accepts Documents, (id, text) pairs or plain texts (ids "0", "1", ...)."""
+        norm = [
+            d if isinstance(d, Document) else Document(d[0], "", d[1]) if isinstance(d, tuple) else Document(str(i), "", d)
+            for i, d in enumerate(docs)
+        ]
+        scores = self.score(query, norm, query_id)
+        return rank([d.id for d in norm], scores)
+
+
+def build_reranker(model: str = "smollm2", heads: list[Head] | None = None, prompt: str = "core",
+                   overrides: list[str] | None = None) -> AttentionReranker:
+    """Python API without Hydra's CLI: compose the packaged configs and load the model."""
+    from hydra import compose, initialize_config_dir
+
+    from corexp.config import config_dir
+    from corexp.models import load_model
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", f"prompt={prompt}", *(overrides or [])])
+    keep = None if heads is None else max(layer for layer, _ in heads) + 1
+    lm = load_model(cfg.model, cfg.paths.cache_dir, keep_layers=keep)
+    return AttentionReranker(lm, cfg.prompt, heads=heads, template=cfg.model.template)

@@ -1,0 +1,78 @@
+"""MLflow tracking: one store, an experiment per study, flattened params, safe metric names, artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from corexp.errors import CorexpError
+
+log = logging.getLogger(__name__)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    items = cfg.items() if isinstance(cfg, dict) else []
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def setup(cfg: DictConfig) -> Any:
+    """Point MLflow at the configured store and experiment; a clear error if the store is unreachable."""
+    import mlflow
+
+    uri = str(cfg.tracking.uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            art = cfg.tracking.get("artifact_location")
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=Path(art).as_uri() if art else None)
+        mlflow.set_experiment(cfg.tracking.experiment)
+    except Exception as err:  # noqa: BLE001 - any backend failure means the store is unusable
+        raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({type(err).__name__}); fix tracking.uri") from None
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("corexp", "torch", "transformers", "ir_datasets", "ir_measures", "bm25s", "mlflow", "hydra-core"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def log_config(mlflow: Any, cfg: DictConfig) -> None:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    params = {k: v[:6000] for k, v in flatten(container).items()}
+    keys = list(params)
+    for i in range(0, len(keys), 100):
+        mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    mlflow.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()},
+                     "hostname": os.uname().nodename})
