@@ -27,3 +27,32 @@ def tiny_model(name: str, attn: str = "corexp_readout", seed: int = 0):
     cfg = tiny_configs()[name]
     model = AutoModel.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory on a few sentences (offsets work like the real ones)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "Here are some paragraphs: Please find information that are relevant to the following query in the paragraphs above.",
+        "Query: N/A document the cells protein gene expression of patients with cancer risk increased treatment study",
+    ] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def save_tiny_checkpoint(folder, name: str = "llama", seed: int = 0):
+    """A tiny random-weight model + tokenizer saved like a real checkpoint (safetensors): model.path=folder."""
+    model = tiny_model(name, attn="sdpa", seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder

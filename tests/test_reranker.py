@@ -1,0 +1,89 @@
+"""Re-ranker on a tiny random-weight checkpoint: calibrated scores equal a full eager reference computation."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModel
+
+from corexp.config import PromptConfig
+from corexp.data import Document
+from corexp.models import load_model
+from corexp.prompt import encode
+from corexp.reranker import AttentionReranker
+from corexp.scoring import document_scores
+from tiny_models import save_tiny_checkpoint
+
+DOCS = [Document("a", "T1", "the cells protein gene expression"), Document("b", "", "patients with cancer risk"),
+        Document("c", "", "treatment study increased"), Document("d", "", "x")]
+QUERY = "gene expression in cancer patients"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+def load(tiny_dir, keep=None):
+    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_dir), "dtype": "float32", "device": "cpu",
+                            "trust_remote_code": False, "max_context": 512})
+    return load_model(cfg, tiny_dir, keep_layers=keep)
+
+
+def reference_scores(tiny_dir, prompt_cfg, heads):
+    model = AutoModel.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    lm = load(tiny_dir)
+    texts = [d.text for d in DOCS]
+    rows = []
+    for q in (QUERY, "N/A"):
+        enc = encode(lm.tokenizer, texts, q, prompt_cfg, ("", ""), prompt_cfg.instruction)
+        with torch.no_grad():
+            att = model(enc.input_ids, output_attentions=True).attentions
+        s = sum(att[l][0, h, enc.q_start:enc.q_end].mean(0) for l, h in heads)
+        rows.append((s, enc))
+    (s_q, enc), (s_na, _) = rows
+    c = s_q[: enc.q_start] - s_na[: enc.q_start]
+    return document_scores(c, enc.doc_spans)
+
+
+@pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
+def test_scores_match_reference_and_na_pass_reuses_prefix(tiny_dir, heads):
+    prompt_cfg = OmegaConf.structured(PromptConfig)
+    lm = load(tiny_dir)
+    rr = AttentionReranker(lm, prompt_cfg, heads, template="plain")
+    got = rr.score(QUERY, DOCS)
+    all_heads = heads or [(l, h) for l in range(4) for h in range(4)]
+    ref = reference_scores(tiny_dir, prompt_cfg, all_heads)
+    assert got == pytest.approx(ref, abs=1e-5)
+    prefix, real_suffix, na_suffix = rr.stats.pass_tokens
+    na_len = encode(lm.tokenizer, [d.text for d in DOCS], "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction).length
+    assert prefix + real_suffix == rr.stats.prompt_tokens
+    assert na_suffix == na_len - prefix  # the calibration pass sees only the tokens after the shared prefix
+    assert na_suffix < 0.4 * na_len
+
+
+def test_truncated_model_gives_identical_scores(tiny_dir):
+    heads = [(0, 2), (1, 1)]
+    prompt_cfg = OmegaConf.structured(PromptConfig)
+    full = AttentionReranker(load(tiny_dir), prompt_cfg, heads, template="plain")
+    cut_lm = load(tiny_dir, keep=2)
+    assert len(cut_lm.model.layers) == 2
+    cut = AttentionReranker(cut_lm, prompt_cfg, heads, template="plain")
+    assert full.rerank(QUERY, DOCS) == cut.rerank(QUERY, DOCS)
+
+
+def test_rerank_is_permutation_and_handles_degenerate_docs(tiny_dir):
+    rr = AttentionReranker(load(tiny_dir), OmegaConf.structured(PromptConfig), None, template="plain")
+    docs = [Document("1", "", ""), Document("2", "", "same text"), Document("3", "", "same text"), Document("4", "", "z")]
+    out = rr.rerank("query", docs)
+    assert sorted(d for d, _ in out) == ["1", "2", "3", "4"]
+    assert all(s == s and abs(s) != float("inf") for _, s in out)
+    assert rr.rerank("query", [Document("only", "", "one candidate")])[0][0] == "only"
+
+
+def test_prompt_overflow_reduces_depth(tiny_dir):
+    cfg = OmegaConf.structured(PromptConfig)
+    lm = load(tiny_dir)
+    lm.max_context = 200
+    rr = AttentionReranker(lm, cfg, None, template="plain")
+    out = rr.rerank(QUERY, [Document(str(i), "", "gene expression cells " * 3) for i in range(6)])
+    assert rr.stats.dropped_docs > 0 and len(out) == 6
