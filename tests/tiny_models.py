@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512)
+              num_key_value_heads=2, max_position_embeddings=4096)
 
 
 def tiny_configs() -> dict[str, object]:

@@ -74,10 +74,8 @@ class AttentionReranker:
             if enc.length <= self.lm.max_context:
                 return enc, order
             if self.cfg.overflow != "reduce" or n == 1:
-                raise CorexpError(
-                    f"prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context}); lower "
-                    "first_stage.depth or prompt.max_words, or set prompt.overflow=reduce"
-                )
+                fix = "lower prompt.max_words" if n == 1 else "lower first_stage.depth or prompt.max_words, or set prompt.overflow=reduce"
+                raise CorexpError(f"prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context}); {fix}")
             n -= 1
             self.stats.dropped_docs += 1
 

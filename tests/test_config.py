@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from corexp.config import config_dir
+from helpers import compose_cfg
+
+CONF = config_dir()
+
+
+def test_default_composes_to_the_offline_job():
+    cfg = compose_cfg()
+    assert cfg.model.name == "smollm2" and cfg.heads.metric == "all" and cfg.first_stage.depth == 20
+    assert Path(cfg.data.local_dir).joinpath("qrels", "test.tsv").is_file()
+    assert cfg.tracking.uri.startswith("sqlite:///") and Path(cfg.paths.root_dir).is_absolute()
+    assert cfg.prompt.query_span_end == "query" and cfg.prompt.doc_order == "retriever"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "prompt", "heads", "truncation", "fusion", "first_stage", "detection"])
+def test_every_option_of_every_group_composes(group):
+    for f in sorted((CONF / group).glob("[!_]*.yaml")):
+        cfg = compose_cfg([f"{group}={f.stem}"])
+        OmegaConf.to_container(cfg[group], resolve=True)
+
+
+def test_experiment_files_hold_only_overrides():
+    for f in sorted((CONF / "experiment").glob("*.yaml")):
+        assert f.read_text().lstrip().startswith("# @package _global_"), f
+        compose_cfg([f"experiment={f.stem}"])
+
+
+def test_structured_schema_rejects_typos():
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["heads.kk=3"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["heads.k=eight"])
+
+
+def test_key_overrides_used_by_the_docs():
+    cfg = compose_cfg(["model=qwen25coder", "data=dl19", "first_stage.depth=10", "data.max_queries=5",
+                       "heads=core", "heads.k=4", "tracking.uri=sqlite:////tmp/x.db", "truncation=auto"])
+    assert (cfg.model.template, cfg.data.irds_id, cfg.heads.metric, cfg.heads.k) == ("chatml", "msmarco-passage/trec-dl-2019/judged", "core", 4)
+    assert "RR(rel=2)" in cfg.data.measures and cfg.truncation.mode == "auto"
+    assert compose_cfg(["model=llama"]).model.published_heads.core[0] == "13-18"
+
+
+def test_hydra_runs_in_place_and_under_root():
+    cfg = compose_cfg(return_hydra_config=True)
+    assert cfg.hydra.job.chdir is False
+    assert cfg.hydra.run.dir.startswith(cfg.paths.root_dir)

@@ -1,0 +1,75 @@
+"""`python -m corexp` end to end: real Hydra CLI, real data, a real MLflow store."""
+
+import math
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tiny_models import save_tiny_checkpoint
+
+
+def run_cli(tmp_path, *overrides, expect_ok=True):
+    env = {**os.environ, "COREXP_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "corexp", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/out", "progress=false", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def finished_runs(tmp_path, experiment="corexp"):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+def tiny_model_args(tiny_dir):
+    return [f"model.path={tiny_dir}", "model.gguf=null", "model.template=plain", "model.name=tiny", "prompt.max_words=30"]
+
+
+def test_default_job_shrunk_logs_to_mlflow(tmp_path, tiny_dir):
+    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=3", "first_stage.depth=4")
+    (run,) = finished_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert math.isfinite(m["rerank.nDCG_at_10"]) and math.isfinite(m["first_stage.nDCG_at_10"])
+    assert m["queries"] == 3 and m["latency_p95_s"] >= m["latency_p50_s"] > 0
+    assert run.data.params["heads.metric"] == "all" and run.data.tags["dataset"] == "scifact-sample"
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"} <= arts
+    lines = open(tmp_path / "out" / "rerank.trec").read().split("\n")[:4]
+    assert len({l.split()[2] for l in lines}) == 4
+
+
+def test_core_heads_with_auto_truncation_log_head_artifacts(tmp_path, tiny_dir):
+    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=2", "first_stage.depth=3", "heads=core", "heads.k=3",
+            "truncation=auto", "detection.num_queries=4", "detection.num_negatives=3")
+    (run,) = finished_runs(tmp_path)
+    heads = run.data.params["selected_heads"].split(",")
+    assert len(heads) == 3 and run.data.metrics["kept_layers"] == max(int(h.split("-")[0]) for h in heads) + 1
+    assert {"heads.layer_mean", "heads.share_upper_third"} <= set(run.data.metrics)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"heads_per_layer.png", "head_scores.png", "head_scores.csv", "selected_heads.json"} <= arts
+
+
+def test_bad_input_is_one_line_and_no_traceback(tmp_path, tiny_dir):
+    proc = run_cli(tmp_path, *tiny_model_args(tiny_dir), "heads=random", "heads.k=0", expect_ok=False)
+    assert proc.returncode == 2
+    assert "corexp: error: heads.k=0 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+    assert all(r.info.status != "RUNNING" for r in finished_runs(tmp_path))
+
+
+@pytest.mark.slow
+def test_default_job_with_real_smollm2(tmp_path):
+    run_cli(tmp_path, "data.max_queries=2", "first_stage.depth=5")
+    (run,) = finished_runs(tmp_path)
+    assert run.data.tags["model"] == "smollm2" and math.isfinite(run.data.metrics["rerank.nDCG_at_10"])
+    assert run.data.metrics["span_mismatches"] == 0

