@@ -50,3 +50,16 @@ def test_hydra_runs_in_place_and_under_root():
     cfg = compose_cfg(return_hydra_config=True)
     assert cfg.hydra.job.chdir is False
     assert cfg.hydra.run.dir.startswith(cfg.paths.root_dir)
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local_parallel", "JoblibLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    cfg = compose_cfg([f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_cpu_grid_sweeps_the_issue_grid():
+    cfg = compose_cfg(["experiment=cpu_grid"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.model == "smollm2,gemma3,qwen25coder" and params["heads.k"] == "4,8,16"
+    assert compose_cfg(["experiment=paper_pruning"]).truncation.mode == "fraction"

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from corexp import heads as H
+from corexp.data import load_local
+from corexp.config import RESOURCES_DIR
+from corexp.detection import build_instances
+from corexp.errors import CorexpError
+from helpers import compose_cfg
+
+
+def masses_fixture():
+    rng = np.random.default_rng(0)
+    m = rng.random((6, 3, 4, 5)).astype(np.float32)  # instances, layers, heads, docs
+    pos = rng.integers(0, 5, size=6)
+    return m, pos
+
+
+def test_qrhead_score_is_mean_mass_on_positive():
+    m, pos = masses_fixture()
+    expected = np.mean([m[i, :, :, pos[i]] for i in range(6)], axis=0)
+    np.testing.assert_allclose(H.qrhead_scores(m, pos), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.001, 0.1, 10.0])
+def test_core_score_is_mean_softmax_probability_of_positive(tau):
+    m, pos = masses_fixture()
+    expected = np.zeros((3, 4))
+    for i in range(6):
+        for l in range(3):
+            for h in range(4):
+                z = np.exp((m[i, l, h] - m[i, l, h].max()) / tau)
+                expected[l, h] += z[pos[i]] / z.sum() / 6
+    np.testing.assert_allclose(H.core_scores(m, pos, tau), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_small_tau_counts_how_often_positive_wins():
+    m, pos = masses_fixture()
+    wins = np.mean([m[i, :, :, pos[i]] == m[i].max(axis=-1) for i in range(6)], axis=0)
+    np.testing.assert_allclose(H.core_scores(m, pos, 1e-6), wins, atol=1e-6)
+
+
+def test_top_k_random_published_and_errors():
+    scores = np.array([[0.1, 0.9], [0.5, 0.9]])
+    assert H.top_k(scores, 3) == [(0, 1), (1, 1), (1, 0)]
+    assert H.top_k(scores, 1, max_layer=1) == [(0, 1)]
+    assert H.random_heads(4, 4, 5, seed=1) == H.random_heads(4, 4, 5, seed=1)
+    assert H.published_heads(compose_cfg(["model=mistral"]).model, 2) == [(15, 21), (15, 1)]
+    for bad in (0, 5):
+        with pytest.raises(CorexpError, match="out of range"):
+            H.top_k(scores, bad)
+    with pytest.raises(CorexpError, match="tau"):
+        H.core_scores(*masses_fixture(), tau=0.0)
+    with pytest.raises(CorexpError, match="no published head list"):
+        H.published_heads(compose_cfg(["model=smollm2"]).model, 8)
+
+
+def test_jaccard_and_layer_stats():
+    assert H.jaccard([(1, 2), (3, 4)], [(3, 4), (5, 6)]) == pytest.approx(1 / 3)
+    st = H.layer_stats([(0, 0), (10, 1), (29, 2)], 30)
+    assert st["layer_min"] == 0 and st["layer_max"] == 29
+    assert st["share_lower_third"] == st["share_middle_third"] == st["share_upper_third"] == pytest.approx(1 / 3)
+
+
+def test_detection_instances_never_use_judged_positives_as_negatives():
+    cfg = compose_cfg(["detection.positions=3"]).detection
+    ds = load_local(RESOURCES_DIR / "scifact_sample", "train", "train")
+    inst = build_instances(ds, ds.run, cfg)
+    assert len(inst) == 3 * len({i["query_id"] for i in inst})
+    for i in inst:
+        rels = ds.qrels[i["query_id"]]
+        pos_doc = i["docs"][i["pos_index"]]
+        assert rels.get(pos_doc, 0) > 0 and len(i["docs"]) == cfg.num_negatives + 1
+        assert all(rels.get(d, 0) <= 0 for j, d in enumerate(i["docs"]) if j != i["pos_index"])
+    assert {i["pos_index"] for i in inst} >= {0, cfg.num_negatives}
