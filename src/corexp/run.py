@@ -110,7 +110,24 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     out_dir.mkdir(parents=True, exist_ok=True)
     measures = parse_measures(list(cfg.data.measures))
     mlflow = tracking.setup(cfg)
-    with mlflow.start_run(run_name=cfg.tracking.get("run_name") or None) as active:
+    chash = tracking.config_hash(cfg)
+    previous = tracking.find_runs(mlflow, cfg.tracking.experiment, chash)
+    stale = tracking.fail_stale_runs(mlflow, previous)
+    if stale:
+        log.warning("marked %d stale RUNNING run(s) of this config FAILED", stale)
+    done = [r for r in previous if r.info.status == "FINISHED"]
+    if done and not cfg.get("force", False):
+        log.info("skipping: run %s already FINISHED this exact config (force=true reruns it)", done[0].info.run_id)
+        return dict(done[0].data.metrics)
+    parent = tracking.sweep_parent_id(cfg)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        override_str = " ".join(HydraConfig.get().overrides.task)
+    except ValueError:
+        override_str = ""
+    with mlflow.start_run(run_name=cfg.tracking.get("run_name") or None, parent_run_id=parent,
+                          tags={"config_hash": chash, "overrides": override_str}) as active:
         tracking.log_config(mlflow, cfg)
         ds = load_dataset(cfg.data)
         qids = select_queries(ds, cfg.data.max_queries, cfg.data.get("query_ids"))

@@ -76,3 +76,45 @@ def log_config(mlflow: Any, cfg: DictConfig) -> None:
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     mlflow.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()},
                      "hostname": os.uname().nodename})
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job: the resolved config minus where it writes (paths, tracking, hydra, progress/debug)."""
+    from corexp.cache import stable_key
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paths", "tracking", "hydra", "progress", "debug", "force"):
+        container.pop(key, None)
+    return stable_key(container)
+
+
+def find_runs(mlflow: Any, experiment: str, chash: str) -> list[Any]:
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.config_hash = '{chash}'",
+                              output_format="list")
+
+
+def fail_stale_runs(mlflow: Any, runs: list[Any]) -> int:
+    """Runs left RUNNING by a killed job (same config): mark them FAILED so the store tells the truth."""
+    client = mlflow.MlflowClient()
+    stale = [r for r in runs if r.info.status == "RUNNING"]
+    for r in stale:
+        client.set_terminated(r.info.run_id, status="FAILED")
+        client.set_tag(r.info.run_id, "failure", "stale RUNNING run of a killed job")
+    return len(stale)
+
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def sweep_parent_id(cfg: DictConfig) -> str | None:
+    """The sweep's parent run id, written by the multirun callback into the sweep folder (works across processes)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if hc.mode.name != "MULTIRUN":
+            return None
+        path = Path(hc.sweep.dir) / PARENT_FILE
+    except ValueError:
+        return None
+    return path.read_text().strip() if path.is_file() else None
