@@ -139,6 +139,11 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
 
         heads, head_info = select_heads(cfg, qids, out_dir)
         n_full = model_num_layers(cfg.model, Path(cfg.paths.cache_dir))
+        if heads is not None:
+            n_heads = _num_heads(cfg)
+            bad = [f"{l}-{h}" for l, h in heads if not (0 <= l < n_full and 0 <= h < n_heads)]
+            if bad:
+                raise CorexpError(f"heads {bad[:3]} are outside the model ({n_full} layers x {n_heads} heads)")
         keep = keep_layers(cfg, n_full, heads)
         if heads is not None and max(l for l, _ in heads) >= keep:
             if cfg.heads.metric == "published":

@@ -33,6 +33,14 @@ def setup(cfg: DictConfig) -> Any:
     import mlflow
 
     uri = str(cfg.tracking.uri)
+    if uri.startswith(("http://", "https://")):  # fail fast instead of MLflow's minutes of retries
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+        except (urllib.error.URLError, OSError) as err:
+            raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({getattr(err, 'reason', err)}); fix tracking.uri") from None
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
