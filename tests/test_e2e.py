@@ -55,7 +55,7 @@ def test_core_heads_with_auto_truncation_log_head_artifacts(tmp_path, tiny_dir):
     (run,) = finished_runs(tmp_path)
     heads = run.data.params["selected_heads"].split(",")
     assert len(heads) == 3 and run.data.metrics["kept_layers"] == max(int(h.split("-")[0]) for h in heads) + 1
-    assert {"heads.layer_mean", "heads.share_upper_third"} <= set(run.data.metrics)
+    assert {"heads.layer_mean", "heads.share_upper_third", "heads.jaccard_core_vs_qrhead"} <= set(run.data.metrics)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"heads_per_layer.png", "head_scores.png", "head_scores.csv", "selected_heads.json"} <= arts
 

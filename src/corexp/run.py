@@ -87,8 +87,10 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], out_dir: Path) -> tuple[
     det_rr = AttentionReranker(lm, cfg.prompt, None, cfg.model.template, instruction_for(cfg))
     model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
     masses, pos = detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
-    scores = H.core_scores(masses, pos, tau) if metric == "core" else H.qrhead_scores(masses, pos)
-    info.update(scores=scores, tau=tau if metric == "core" else None, instances=int(masses.shape[0]))
+    core, qr = H.core_scores(masses, pos, tau), H.qrhead_scores(masses, pos)
+    scores = core if metric == "core" else qr
+    info.update(scores=scores, tau=tau if metric == "core" else None, instances=int(masses.shape[0]),
+                jaccard_core_qrhead=H.jaccard(H.top_k(core, k), H.top_k(qr, k)))
     del lm, det_rr
     return H.top_k(scores, k), info
 
@@ -218,6 +220,8 @@ def _log_heads(mlflow: Any, heads, info: dict[str, Any], n_layers: int, n_heads:
         return
     mlflow.log_param("selected_heads", H.format_heads(heads))
     mlflow.log_metrics({f"heads.{k}": v for k, v in H.layer_stats(heads, n_layers).items()})
+    if "jaccard_core_qrhead" in info:  # overlap of the two metrics' top-k on the same detection data
+        mlflow.log_metric("heads.jaccard_core_vs_qrhead", info["jaccard_core_qrhead"])
     title = f"{cfg.model.name} {cfg.heads.metric} top-{len(heads)}"
     mlflow.log_artifact(str(heads_histogram(heads, n_layers, out_dir / "heads_per_layer.png", title)))
     scores = info.get("scores")
