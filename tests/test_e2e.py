@@ -72,4 +72,5 @@ def test_default_job_with_real_smollm2(tmp_path):
     run_cli(tmp_path, "data.max_queries=2", "first_stage.depth=5")
     (run,) = finished_runs(tmp_path)
     assert run.data.tags["model"] == "smollm2" and math.isfinite(run.data.metrics["rerank.nDCG_at_10"])
+    assert run.data.tags["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert run.data.metrics["span_mismatches"] == 0

@@ -87,3 +87,14 @@ def test_prompt_overflow_reduces_depth(tiny_dir):
     rr = AttentionReranker(lm, cfg, None, template="plain")
     out = rr.rerank(QUERY, [Document(str(i), "", "gene expression cells " * 3) for i in range(6)])
     assert rr.stats.dropped_docs > 0 and len(out) == 6
+
+
+def test_python_api_without_hydra_cli(tiny_dir):
+    from corexp.reranker import build_reranker
+
+    rr = build_reranker("smollm2", heads=[(1, 0), (2, 3)], overrides=[f"model.path={tiny_dir}", "model.gguf=null",
+                                                                      "model.template=plain", "model.device=cpu"])
+    assert rr.lm.kept_layers == 3  # loaded only up to the deepest head
+    out = rr.rerank("gene expression", [("x", "cells protein"), ("y", "cancer risk"), ("z", "gene expression")])
+    assert sorted(d for d, _ in out) == ["x", "y", "z"]
+    assert [d for d, _ in rr.rerank("q", ["first text", "second text"])] in (["0", "1"], ["1", "0"])

@@ -158,6 +158,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
             mlflow.set_tag("heads_reselected", "true")
         lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
         rr = AttentionReranker(lm, cfg.prompt, heads, cfg.model.template, instruction_for(cfg))
+        mlflow.set_tags({"model_source": lm.source, "model_sha256": lm.sha256 or "n/a"})
         _log_heads(mlflow, heads, head_info, lm.num_layers, lm.num_heads, out_dir, cfg)
 
         reranked, raw_rows, latencies, tokens, dropped, mismatches = {}, [], [], [], 0, 0
