@@ -98,3 +98,22 @@ def test_python_api_without_hydra_cli(tiny_dir):
     out = rr.rerank("gene expression", [("x", "cells protein"), ("y", "cancer risk"), ("z", "gene expression")])
     assert sorted(d for d, _ in out) == ["x", "y", "z"]
     assert [d for d, _ in rr.rerank("q", ["first text", "second text"])] in (["0", "1"], ["1", "0"])
+
+
+def test_sliding_window_model_scores_match_reference(tmp_path):
+    """Gemma-3 layout (sliding-window layers): the copied-cache path gives the eager reference scores."""
+    tiny = save_tiny_checkpoint(tmp_path / "g", "gemma3")
+    prompt_cfg = OmegaConf.structured(PromptConfig)
+    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny), "dtype": "float32", "device": "cpu",
+                            "trust_remote_code": False, "max_context": 4096})
+    lm = load_model(cfg, tiny)
+    got = AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, DOCS)
+    model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
+    rows = []
+    for q in (QUERY, "N/A"):
+        enc = encode(lm.tokenizer, [d.text for d in DOCS], q, prompt_cfg, ("", ""), prompt_cfg.instruction)
+        with torch.no_grad():
+            att = model(enc.input_ids, output_attentions=True).attentions
+        rows.append((sum(a[0, :, enc.q_start:enc.q_end].mean(1).sum(0) for a in att), enc))
+    (s_q, enc), (s_na, _) = rows
+    assert got == pytest.approx(document_scores(s_q[: enc.q_start] - s_na[: enc.q_start], enc.doc_spans), abs=1e-5)

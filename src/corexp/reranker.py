@@ -108,8 +108,12 @@ class AttentionReranker:
         q_start = enc.q_start
         cache = self._prefix(enc.input_ids, q_start)
         shared = na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
-        na_cache = copy.deepcopy(cache) if shared else None
+        # Full-attention caches are cut back to the prefix after the real suffix; sliding-window caches are copied.
+        croppable = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
+        na_cache = (cache if croppable else copy.deepcopy(cache)) if shared else None
         real = self._token_scores(self._suffix_readout(enc.input_ids, q_start, enc.q_end, cache, heads), q_start)
+        if shared and croppable:
+            cache.crop(-(enc.length - q_start))
         if na_cache is None:  # tokenization differs inside the prefix: fall back to a full pass
             log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
             na_cache = self._prefix(na.input_ids, na.q_start)
