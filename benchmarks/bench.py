@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MEM_LIMIT_MB = 20 * 1024  # eager output_attentions runs are capped at this address space so the machine survives
 
 
 def _peak_mb(device: str) -> float:
@@ -72,6 +73,8 @@ def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
 
 
 def task(spec: dict) -> dict:
+    if spec["kind"] == "eager_attn" and not spec["device"].startswith("cuda"):
+        resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT_MB * 2**20 + 4 * 2**30, resource.RLIM_INFINITY))
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -121,9 +124,27 @@ def task(spec: dict) -> dict:
             "pass_tokens": passes}
 
 
-def measure(spec: dict) -> dict:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(task, (spec,))
+def _child(spec: dict, conn) -> None:
+    conn.send(task(spec))
+    conn.close()
+
+
+def measure(spec: dict) -> dict | None:
+    """Run one measurement in a fresh process; None if it died (e.g. killed for memory)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv() if parent.poll(timeout=3600) else None
+    except EOFError:  # the child died before sending (e.g. its allocation failed)
+        result = None
+    proc.join()
+    if proc.exitcode != 0:
+        print(f"measurement {spec['kind']} at {spec.get('tokens') or spec.get('docs')} died (exit {proc.exitcode})", file=sys.stderr)
+        return None
+    return result
 
 
 def na_pass_share(spec: dict) -> dict:
@@ -169,7 +190,7 @@ def main() -> None:
     a = ap.parse_args()
     common = {"model": a.model, "dtype": a.dtype, "device": a.device, "repeats": a.repeats, "config_json": a.config_json}
     lines = [f"# Benchmark: {a.model if not a.config_json else a.config_json} ({a.dtype}, {a.device})", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch threads default; median of {a.repeats} runs after a warm-up; "
+             f"Machine: {platform.processor() or platform.machine()}, torch threads {__import__('torch').get_num_threads()}; median of {a.repeats} runs after a warm-up; "
              "peak memory above the loaded weights (CPU: max RSS, CUDA: max allocated). Command: `python benchmarks/bench.py "
              + " ".join(sys.argv[1:]) + "`", ""]
     rows = []
@@ -187,9 +208,12 @@ def main() -> None:
     for n, r, half, na in rows:
         rr_, sd, det = r["rerank"], r["plain_sdpa"], r["detection"]
         ea = r.get("eager_attn")
+        if "eager_attn" in r and ea is None:
+            ea = {"seconds": float("nan"), "peak_mb": float("nan"), "died": True}
         lines.append(
             f"| {rr_['tokens']} | {rr_['seconds']:.2f} | {sd['seconds']:.2f} | {rr_['seconds'] / sd['seconds']:.2f} | "
-            + (f"{ea['seconds']:.2f} | {ea['seconds'] / rr_['seconds']:.1f}× | {rr_['peak_mb']:.0f} / {ea['peak_mb']:.0f} | {ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | " if ea else "– | – | – | – | ")
+            + (("killed (out of memory) | – | " + f"{rr_['peak_mb']:.0f} / >{MEM_LIMIT_MB:.0f} | >{MEM_LIMIT_MB / max(rr_['peak_mb'], 1):.0f}× | ") if ea and ea.get("died") else
+               (f"{ea['seconds']:.2f} | {ea['seconds'] / rr_['seconds']:.1f}× | {rr_['peak_mb']:.0f} / {ea['peak_mb']:.0f} | {ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | " if ea else "– | – | – | – | "))
             + f"{half['seconds'] / rr_['seconds']:.2f} (L'={half['kept_layers']}/{rr_['layers']}) | {rr_['peak_mb']:.0f} → {half['peak_mb']:.0f} | "
             f"{na['na_s'] / na['main_s']:.3f} ({na['na_tokens']} tok) | {det['seconds'] / sd['seconds']:.2f} |")
     if a.scaling:

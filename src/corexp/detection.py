@@ -61,7 +61,10 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             return z["masses"], z["pos_index"]
-    run, _ = first_stage_run(ds, sorted(ds.queries), first_stage_cfg, cache_dir, show_progress=False)
+    # Large training splits (NQ train: 132k queries): retrieve only for a seeded pool of judged queries.
+    judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+    pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
+    run, _ = first_stage_run(ds, pool, first_stage_cfg, cache_dir, show_progress=False)
     instances = build_instances(ds, run, det_cfg)
     lm = reranker.lm
     masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
