@@ -74,3 +74,9 @@ def test_default_job_with_real_smollm2(tmp_path):
     assert run.data.tags["model"] == "smollm2" and math.isfinite(run.data.metrics["rerank.nDCG_at_10"])
     assert run.data.tags["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert run.data.metrics["span_mismatches"] == 0
+
+
+def test_unknown_model_name_lists_the_options(tmp_path):
+    proc = run_cli(tmp_path, "model=nosuch", expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'model/nosuch'" in proc.stderr and "smollm2" in proc.stderr
