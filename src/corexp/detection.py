@@ -49,7 +49,9 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
 def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, first_stage_cfg: Any,
                      cache_dir: Path, model_key: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Masses (instances, layers, heads, docs) and positive indices; computed once per model+detection config."""
-    key = stable_key(CODE_VERSION, model_key, dict(det_cfg), dict(reranker.cfg), reranker.template)
+    # Instances fix the document order themselves: the evaluation order option must not split the cache.
+    prompt_key = {**dict(reranker.cfg), "doc_order": "retriever", "seed": 0}
+    key = stable_key(CODE_VERSION, model_key, dict(det_cfg), prompt_key, reranker.template)
     path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
     ds = load_dataset(det_cfg)
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
