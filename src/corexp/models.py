@@ -198,11 +198,11 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     )
 
 
-def model_num_layers(cfg: Any, cache_dir: Path) -> int:
-    """Layer count from the config alone (for truncation decisions before loading weights)."""
+def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
+    """(layers, attention heads) from the config alone: head selection and truncation decide before loading weights."""
     from transformers import AutoConfig
 
     source, _, _ = model_source(cfg, cache_dir)
     config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_cfg.num_hidden_layers)
+    return int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from corexp.config import project_root
 from corexp.errors import CorexpError
+from corexp.evaluation import parse_measures, safe_name
 
 DATASET_ORDER = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
                  "climate-fever", "scifact", "scifact-sample", "nq", "hotpotqa", "fever", "quora", "msmarco-dev", "dl19", "dl20"]
@@ -89,7 +90,7 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str, alpha: float = 0
     from scipy.stats import ttest_rel
 
     col_rr, col_fs = f"rerank.{measure}", f"first_stage.{measure}"
-    metric_key = measure.replace("@", "_at_").replace("(", "_").replace(")", "").replace("=", "_")
+    metric_key = safe_name(parse_measures([measure])[0])  # the name run.py logged
     tables, cache = {}, {}
     for model, g in df.groupby("model"):
         values: dict[tuple[str, str], float] = {}
@@ -174,7 +175,7 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
                        f"† significantly better than {baseline}, ‡ significantly worse (paired t-test over queries, "
                        "Holm-corrected per model, p < 0.05). Reference rows: published numbers (docs/METHOD.md §7).\n"]
     for model, table in sorted(tables.items()):
-        md += [f"\n## {model}\n", table.to_markdown() if _has_tabulate() else table.to_string(), ""]
+        md += [f"\n## {model}\n", table.to_markdown(), ""]
         table.to_csv(out / f"{model}.csv")
         (out / f"{model}.tex").write_text(table.to_latex(escape=True))
         written += [out / f"{model}.csv", out / f"{model}.tex"]
@@ -184,15 +185,6 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
     (out / "report.md").write_text("\n".join(md) + "\n")
     written.append(out / "report.md")
     return written
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +100,7 @@ class AttentionReranker:
             total = s if total is None else total + s
         return total[:length].float().cpu()
 
-    def calibrated_scores(self, enc: EncodedPrompt, query: str, texts_in_order: list[str]) -> torch.Tensor:
+    def calibrated_scores(self, enc: EncodedPrompt, texts_in_order: list[str]) -> torch.Tensor:
         """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are)."""
         heads = heads_by_layer(self.heads)
         na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
@@ -137,7 +136,7 @@ class AttentionReranker:
 
     # -- public API -----------------------------------------------------------------------------
     def score(self, query: str, docs: list[Document], query_id: str = "") -> list[float]:
-        """Calibrated attention score per document (input order); dropped overflow candidates get -inf-free minimum."""
+        """Calibrated attention score per document (input order); candidates dropped for length score below all others."""
         if not query.strip():
             raise CorexpError("empty query text")
         if not docs:
@@ -147,7 +146,7 @@ class AttentionReranker:
         enc, order = self.encode(query, texts, query_id)
         self.stats.prompt_tokens = enc.length
         self.stats.span_mismatches = len(verify_spans(self.lm.tokenizer, enc))
-        c = self.calibrated_scores(enc, query, [texts[i] for i in order])
+        c = self.calibrated_scores(enc, [texts[i] for i in order])
         in_prompt = document_scores(c, enc.doc_spans)
         scores = [0.0] * len(docs)
         for pos, idx in enumerate(order):

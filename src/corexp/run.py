@@ -24,7 +24,7 @@ from corexp.detection import detection_masses
 from corexp.errors import CorexpError
 from corexp.evaluation import evaluate, parse_measures, safe_name
 from corexp.first_stage import candidates, first_stage_run
-from corexp.models import load_model, model_num_layers
+from corexp.models import load_model, model_dims
 from corexp.plots import heads_histogram, score_heatmap
 from corexp.reranker import AttentionReranker
 from corexp.scoring import fuse, rank, trec_scores
@@ -64,7 +64,7 @@ def instruction_for(cfg: DictConfig) -> str:
     return cfg.prompt.instruction
 
 
-def select_heads(cfg: DictConfig, eval_qids: list[str], out_dir: Path) -> tuple[list[H.Head] | None, dict[str, Any]]:
+def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -> tuple[list[H.Head] | None, dict[str, Any]]:
     """The head set of this run and what to log about it (scores table, layer statistics)."""
     metric, k = cfg.heads.metric, int(cfg.heads.k)
     if metric not in H.METRICS:
@@ -72,13 +72,11 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], out_dir: Path) -> tuple[
     info: dict[str, Any] = {"metric": metric}
     if metric == "all":
         return None, info
-    cache = Path(cfg.paths.cache_dir)
-    n_layers = model_num_layers(cfg.model, cache)
     if metric == "published":
         return H.published_heads(cfg.model, k), info
     if metric == "random":
-        lm_heads = _num_heads(cfg)
-        return H.random_heads(n_layers, lm_heads, k, int(cfg.heads.seed)), info
+        return H.random_heads(dims[0], dims[1], k, int(cfg.heads.seed)), info
+    cache = Path(cfg.paths.cache_dir)
     tau = float(cfg.heads.tau if cfg.heads.tau is not None else cfg.model.tau)
     if metric == "core" and not (tau > 0 and math.isfinite(tau)):
         raise CorexpError(f"heads.tau must be a positive finite number, got {tau}")
@@ -93,16 +91,6 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], out_dir: Path) -> tuple[
                 jaccard_core_qrhead=H.jaccard(H.top_k(core, k), H.top_k(qr, k)))
     del lm, det_rr
     return H.top_k(scores, k), info
-
-
-def _num_heads(cfg: DictConfig) -> int:
-    from transformers import AutoConfig
-
-    from corexp.models import model_source
-
-    src, _, _ = model_source(cfg.model, Path(cfg.paths.cache_dir))
-    c = AutoConfig.from_pretrained(src)
-    return int((c.get_text_config() if hasattr(c, "get_text_config") else c).num_attention_heads)
 
 
 def run_job(cfg: DictConfig) -> dict[str, float]:
@@ -139,10 +127,9 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
                          "first_stage": fs_label})
         fs_means, fs_per_query = evaluate(ds.qrels, cands, measures)
 
-        heads, head_info = select_heads(cfg, qids, out_dir)
-        n_full = model_num_layers(cfg.model, Path(cfg.paths.cache_dir))
+        n_full, n_heads = model_dims(cfg.model, Path(cfg.paths.cache_dir))
+        heads, head_info = select_heads(cfg, qids, (n_full, n_heads))
         if heads is not None:
-            n_heads = _num_heads(cfg)
             bad = [f"{l}-{h}" for l, h in heads if not (0 <= l < n_full and 0 <= h < n_heads)]
             if bad:
                 raise CorexpError(f"heads {bad[:3]} are outside the model ({n_full} layers x {n_heads} heads)")
@@ -153,7 +140,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
             if "scores" in head_info:
                 heads = H.top_k(head_info["scores"], int(cfg.heads.k), max_layer=keep)
             else:
-                heads = H.random_heads(keep, _num_heads(cfg), int(cfg.heads.k), int(cfg.heads.seed))
+                heads = H.random_heads(keep, n_heads, int(cfg.heads.k), int(cfg.heads.seed))
             log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
             mlflow.set_tag("heads_reselected", "true")
         lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
