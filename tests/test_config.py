@@ -63,3 +63,36 @@ def test_cpu_grid_sweeps_the_issue_grid():
     params = cfg.hydra.sweeper.params
     assert params.model == "smollm2,gemma3,qwen25coder" and params["heads.k"] == "4,8,16"
     assert compose_cfg(["experiment=paper_pruning"]).truncation.mode == "fraction"
+
+
+def _hash(overrides):
+    from corexp.tracking import config_hash
+
+    cfg = compose_cfg(overrides)
+    cfg.paths.output_dir = "/unused"  # outside a Hydra job; paths are not part of a job's identity anyway
+    return config_hash(cfg)
+
+
+def test_config_hash_ignores_only_fields_the_method_never_reads():
+    # ICR has no k, no temperature and nothing to truncate with truncation=auto: one job, not six.
+    icr = {_hash(["heads=all", f"heads.k={k}", f"truncation={t}"]) for k in (4, 8, 16) for t in ("none", "auto")}
+    assert len(icr) == 1
+    assert _hash(["heads=qrhead", "heads.tau=0.5"]) == _hash(["heads=qrhead", "heads.tau=0.1"])
+    assert _hash(["truncation=none", "truncation.fraction=0.3"]) == _hash(["truncation=none"])
+    # ...and still separates every field that changes what a job computes.
+    distinct = [["heads=core", "heads.k=4"], ["heads=core", "heads.k=8"], ["heads=core", "heads.tau=0.5"],
+                ["heads=qrhead", "heads.k=8"], ["heads=core", "heads.k=8", "truncation=auto"],
+                ["heads=all", "truncation=fraction"], ["heads=all", "truncation=fraction", "truncation.fraction=0.3"],
+                ["heads=random", "heads.seed=1"], ["heads=random"], ["heads=all", "data.max_queries=5"],
+                ["heads=core", "detection.num_queries=50"]]
+    hashes = [_hash(o) for o in distinct]
+    assert len(set(hashes)) == len(hashes) and icr.isdisjoint(hashes)
+
+
+def test_data_dir_points_every_dataset_at_its_local_folder(tmp_path, monkeypatch):
+    (tmp_path / "scifact").mkdir()
+    monkeypatch.setenv("COREXP_DATA_DIR", str(tmp_path))
+    assert compose_cfg(["data=scifact"]).data.local_dir == str(tmp_path / "scifact")
+    assert compose_cfg(["data=dl19"]).data.local_dir is None  # no such folder: ir_datasets as before
+    monkeypatch.delenv("COREXP_DATA_DIR")
+    assert compose_cfg(["data=scifact"]).data.local_dir is None

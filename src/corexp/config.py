@@ -28,10 +28,19 @@ def project_root() -> Path:
     return Path(env).resolve() if env else config_dir().parent
 
 
+def data_folder(data_dir: str | None, name: str) -> str | None:
+    """<paths.data_dir>/<dataset name> when that BEIR-layout folder exists, so one root serves every dataset of a sweep."""
+    if not data_dir:
+        return None
+    folder = Path(data_dir).expanduser().resolve() / name
+    return str(folder) if folder.is_dir() else None
+
+
 def _register_resolvers() -> None:
     resolvers = {
         "corexp_root": lambda: str(project_root()),
         "corexp_resource": lambda name: str(RESOURCES_DIR / name),
+        "corexp_data_folder": data_folder,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

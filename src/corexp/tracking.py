@@ -93,7 +93,35 @@ def config_hash(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in ("paths", "tracking", "hydra", "progress", "debug", "force"):
         container.pop(key, None)
-    return stable_key(container)
+    return stable_key(_drop_unused(container))
+
+
+# Fields a head metric never reads: jobs that differ only in them compute the same thing, so a grid such as
+# heads=all,core heads.k=4,8 runs ICR once (METHOD.md: ICR has no k; QRHead has no temperature).
+_UNUSED_BY_METRIC = {
+    "all": ("k", "tau", "seed"),
+    "published": ("tau", "seed"),
+    "random": ("tau",),
+    "qrhead": ("tau", "seed"),
+    "core": ("seed",),
+}
+
+
+def _drop_unused(container: dict[str, Any]) -> dict[str, Any]:
+    heads = container.get("heads") or {}
+    metric = heads.get("metric")
+    for key in _UNUSED_BY_METRIC.get(metric, ()):
+        heads.pop(key, None)
+    if metric in ("all", "published", "random"):  # no detection run
+        container.pop("detection", None)
+    trunc = container.get("truncation")
+    if isinstance(trunc, dict):
+        if metric == "all" and trunc.get("mode") == "auto":
+            trunc["mode"] = "none"  # auto keeps every layer when every head is used
+        used = {"fraction": ("fraction",), "layers": ("layers",)}.get(trunc.get("mode"), ())
+        for key in [k for k in trunc if k != "mode" and k not in used]:
+            trunc.pop(key)
+    return container
 
 
 def find_runs(mlflow: Any, experiment: str, chash: str) -> list[Any]:
