@@ -23,6 +23,12 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama")
 
 
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def any_tiny_dir(request, tmp_path_factory):
+    """Full attention (cache cut back after one pass) and sliding windows (prefix pass, cache copied)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
 def load(tiny_dir, keep=None):
     cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_dir), "dtype": "float32", "device": "cpu",
                             "trust_remote_code": False, "max_context": 512})
@@ -46,7 +52,8 @@ def reference_scores(tiny_dir, prompt_cfg, heads):
 
 
 @pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
-def test_scores_match_reference_and_na_pass_reuses_prefix(tiny_dir, heads):
+def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
+    tiny_dir = any_tiny_dir
     prompt_cfg = OmegaConf.structured(PromptConfig)
     lm = load(tiny_dir)
     rr = AttentionReranker(lm, prompt_cfg, heads, template="plain")
@@ -54,11 +61,17 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(tiny_dir, heads):
     all_heads = heads or [(l, h) for l in range(4) for h in range(4)]
     ref = reference_scores(tiny_dir, prompt_cfg, all_heads)
     assert got == pytest.approx(ref, abs=1e-5)
-    prefix, real_suffix, na_suffix = rr.stats.pass_tokens
-    na_len = encode(lm.tokenizer, [d.text for d in DOCS], "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction).length
-    assert prefix + real_suffix == rr.stats.prompt_tokens
-    assert na_suffix == na_len - prefix  # the calibration pass sees only the tokens after the shared prefix
-    assert na_suffix < 0.4 * na_len
+    texts = [d.text for d in DOCS]
+    enc = encode(lm.tokenizer, texts, QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
+    na = encode(lm.tokenizer, texts, "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
+    passes = rr.stats.pass_tokens
+    # No pass runs past the query (causal attention: later tokens cannot change the query rows).
+    if rr.croppable:  # one pass over prefix + query, then the N/A query on the cut-back cache
+        assert passes == [enc.q_end, na.q_end - na.q_start]
+    else:  # sliding windows: prefix alone, then each query on its own copy of the prefix cache
+        assert passes == [enc.q_start, enc.q_end - enc.q_start, na.q_end - na.q_start]
+    assert rr.croppable == (tiny_dir.name.startswith("llama"))
+    assert passes[-1] < 0.4 * na.length and len(rr.stats.pass_seconds) == len(passes)
 
 
 def test_truncated_model_gives_identical_scores(tiny_dir):

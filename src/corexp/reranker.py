@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from corexp.attention import Readout, recording
 from corexp.data import Document
@@ -32,10 +34,11 @@ def heads_by_layer(heads: list[Head] | None) -> dict[int, list[int]] | None:
 
 @dataclass
 class PassStats:
-    """Tokens processed by each forward call of the last query (prefix, real suffix, N/A suffix)."""
+    """Tokens and seconds of each forward call of the last query (main pass(es), then the N/A pass)."""
 
     prompt_tokens: int = 0
     pass_tokens: list[int] = field(default_factory=list)
+    pass_seconds: list[float] = field(default_factory=list)
     dropped_docs: int = 0
     span_mismatches: int = 0
 
@@ -51,6 +54,8 @@ class AttentionReranker:
         self.template = resolve_template(template, lm.tokenizer)
         self.instruction = instruction or prompt_cfg.instruction
         self.stats = PassStats()
+        self._croppable: bool | None = None
+        self._events: list[Any] = []
         if heads is not None:
             bad = [h for h in heads if not (0 <= h[0] < lm.kept_layers and 0 <= h[1] < lm.num_heads)]
             if bad:
@@ -79,19 +84,33 @@ class AttentionReranker:
             self.stats.dropped_docs += 1
 
     # -- forward passes -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _prefix(self, ids: torch.Tensor, q_start: int):
-        out = self.lm.model(ids[:, :q_start].to(self.lm.device), use_cache=True)
-        self.stats.pass_tokens.append(q_start)
-        return out.past_key_values
+    @property
+    def croppable(self) -> bool:
+        """Every cache layer is full attention: a cache can be cut back to the prefix instead of being copied."""
+        if self._croppable is None:
+            layers = DynamicCache(config=self.lm.model.config).layers
+            self._croppable = all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        return self._croppable
 
     @torch.inference_mode()
-    def _suffix_readout(self, ids: torch.Tensor, q_start: int, q_end: int, cache, heads) -> Readout:
-        rec = Readout(heads, rows=(0, q_end - q_start), past_len=q_start)
+    def _forward(self, ids: torch.Tensor, start: int, end: int, cache, rec: Readout | None):
+        """Run tokens [start, end) of `ids` on top of `cache` (None: from scratch); the read-out records if given."""
+        cuda = self.lm.device.type == "cuda"
+        if cuda:  # events, not a synchronize: the CPU runs ahead (tokenizes the N/A prompt) while the GPU works
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+        else:
+            t0 = time.perf_counter()
         with recording(rec):
-            self.lm.model(ids[:, q_start:].to(self.lm.device), cache=cache, use_cache=True)
-        self.stats.pass_tokens.append(int(ids.shape[1]) - q_start)
-        return rec
+            out = self.lm.model(ids[:, start:end].to(self.lm.device), cache=cache, use_cache=True)
+        self.stats.pass_tokens.append(end - start)
+        if cuda:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            self._events.append((t0, t1))
+        else:
+            self.stats.pass_seconds.append(time.perf_counter() - t0)
+        return out.cache
 
     def _token_scores(self, rec: Readout, length: int) -> torch.Tensor:
         total = None
@@ -101,23 +120,43 @@ class AttentionReranker:
         return total[:length].float().cpu()
 
     def calibrated_scores(self, enc: EncodedPrompt, texts_in_order: list[str]) -> torch.Tensor:
-        """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are)."""
+        """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are).
+
+        Causal attention: the query rows never see the tokens after the query, so every pass stops at the query's
+        end. Full-attention models: one pass over prefix + query, the cache cut back to the prefix, then the N/A
+        query on top of it. Sliding-window caches cannot be cut back, so there the prefix runs alone and is copied.
+        """
         heads = heads_by_layer(self.heads)
-        na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
         q_start = enc.q_start
-        cache = self._prefix(enc.input_ids, q_start)
-        shared = na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
-        # Full-attention caches are cut back to the prefix after the real suffix; sliding-window caches are copied.
-        croppable = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
-        na_cache = (cache if croppable else copy.deepcopy(cache)) if shared else None
-        real = self._token_scores(self._suffix_readout(enc.input_ids, q_start, enc.q_end, cache, heads), q_start)
-        if shared and croppable:
-            cache.crop(-(enc.length - q_start))
-        if na_cache is None:  # tokenization differs inside the prefix: fall back to a full pass
-            log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
-            na_cache = self._prefix(na.input_ids, na.q_start)
-        calib = self._token_scores(self._suffix_readout(na.input_ids, na.q_start, na.q_end, na_cache, heads), q_start)
-        return real - calib
+        self._events = []
+
+        def na_encoding():
+            na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
+            return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
+
+        real_rec = Readout(heads, rows=(0, enc.q_end - q_start), past_len=q_start)
+        if self.croppable:
+            real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
+            na_cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)
+            na, shared = na_encoding()  # on a GPU this overlaps the pass just queued
+            if shared:
+                na_cache.crop(q_start - enc.q_end)  # negative: drop the query tokens
+            else:
+                log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
+                na_cache = self._forward(na.input_ids, 0, na.q_start, None, None)
+        else:
+            na, shared = na_encoding()
+            cache = self._forward(enc.input_ids, 0, q_start, None, None)
+            na_cache = copy.deepcopy(cache) if shared else None
+            self._forward(enc.input_ids, q_start, enc.q_end, cache, real_rec)
+            if na_cache is None:  # tokenization differs inside the prefix: a full calibration pass
+                log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
+                na_cache = self._forward(na.input_ids, 0, na.q_start, None, None)
+        na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
+        self._forward(na.input_ids, na.q_start, na.q_end, na_cache, na_rec)
+        scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)  # synchronizes
+        self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+        return scores
 
     @torch.inference_mode()
     def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
