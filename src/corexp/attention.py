@@ -34,42 +34,56 @@ class Readout:
         self.past_len = past_len
         self.layers: dict[int, torch.Tensor] = {}  # layer -> (n_heads_sel, total_len) fp32
         self.labels: dict[int, list[int]] = {}  # layer -> head indices of the rows in self.layers[layer]
-        self._index_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._index_cache: dict[tuple[int, int, str], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
 
     def wants(self, layer: int) -> bool:
         return self.heads is None or layer in self.heads
 
-    def head_index(self, layer: int, n_heads: int, device: torch.device) -> torch.Tensor:
-        key = (layer, n_heads)
+    def head_index(self, layer: int, n_heads: int, n_rep: int, device: torch.device):
+        """Selected heads as a Python list (labels: no device sync) and as index tensors (query heads, their KV heads)."""
+        key = (layer, n_heads, str(device))
         if key not in self._index_cache:
-            sel = range(n_heads) if self.heads is None else self.heads[layer]
-            self._index_cache[key] = torch.tensor(list(sel), dtype=torch.long, device=device)
+            sel = list(range(n_heads)) if self.heads is None else list(self.heads[layer])
+            self._index_cache[key] = (sel, torch.tensor(sel, dtype=torch.long, device=device),
+                                      torch.tensor([h // n_rep for h in sel], dtype=torch.long, device=device))
         return self._index_cache[key]
 
     def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
                 sliding_window: int | None = None, softcap: float | None = None) -> None:
         n_heads, n_new = query.shape[1], query.shape[2]
-        heads = self.head_index(layer, n_heads, query.device)
+        n_kv, s_l = key.shape[1], key.shape[2]
+        n_rep = n_heads // n_kv
+        sel, q_idx, kv_idx = self.head_index(layer, n_heads, n_rep, query.device)
         r0, r1 = self.rows
-        n_rep = n_heads // key.shape[1]
-        q = query[0, heads, r0:r1].float()  # (h, |Q|, d)
-        k = key[0, torch.div(heads, n_rep, rounding_mode="floor")].float()  # (h, S_l, d)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if self.heads is None:  # every head: group the query heads by their KV head instead of copying keys per head
+            q = query[0, :, r0:r1].float().reshape(n_kv, n_rep * (r1 - r0), -1)  # heads of one KV head share it
+            scores = torch.bmm(q, key[0].float().transpose(-1, -2)).view(n_heads, r1 - r0, s_l)
+        else:
+            q = query[0].index_select(0, q_idx)[:, r0:r1].float()  # (h, |Q|, d)
+            k = key[0].index_select(0, kv_idx).float()  # (h, S_l, d)
+            scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = scores * scaling
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         total = self.past_len + n_new
-        s_l = k.shape[1]
-        k_pos = torch.arange(total - s_l, total, device=q.device)
-        q_pos = torch.arange(self.past_len + r0, self.past_len + r1, device=q.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if sliding_window:
-            allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        first = total - s_l  # absolute position of the first key column
+        q_lo, q_hi = self.past_len + r0, self.past_len + r1  # absolute positions of the rows: [q_lo, q_hi)
+        # Causal: only columns after the first row can be masked; with a sliding window, also the oldest ones.
+        lo = max(0, q_lo + 1 - first)
+        if lo < s_l:
+            k_pos = torch.arange(first + lo, total, device=q.device)
+            q_pos = torch.arange(q_lo, q_hi, device=q.device)
+            scores[..., lo:].masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        if sliding_window and q_hi - 1 - sliding_window >= first:
+            hi = min(s_l, q_hi - sliding_window - first)  # columns [0, hi) can be outside some row's window
+            k_pos = torch.arange(first, first + hi, device=q.device)
+            q_pos = torch.arange(q_lo, q_hi, device=q.device)
+            scores[..., :hi].masked_fill_(k_pos[None, :] <= q_pos[:, None] - sliding_window, float("-inf"))
         probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (h, S_l)
         if s_l < total:
             probs = torch.nn.functional.pad(probs, (total - s_l, 0))
         self.layers[layer] = probs
-        self.labels[layer] = heads.tolist()
+        self.labels[layer] = sel
 
     def head_matrix(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """(layer, head) labels and a (n_heads_total, total_len) matrix of mean attention rows."""
