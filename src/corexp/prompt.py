@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import random
@@ -108,8 +109,30 @@ def build_text(docs: list[str], query: str, cfg: Any, template: tuple[str, str],
     return "".join(parts), spans, q_char_start, q_char_end
 
 
+class _Offsets:
+    """Token character offsets with binary search: a span lookup costs O(log n), not a scan of the prompt."""
+
+    def __init__(self, offsets: list[tuple[int, int]]):
+        self.index = [i for i, (a, b) in enumerate(offsets) if b > a]  # tokens that cover text (no special tokens)
+        self.starts = [offsets[i][0] for i in self.index]
+        self.ends = [offsets[i][1] for i in self.index]
+        self.monotonic = all(x <= y for x, y in zip(self.starts, self.starts[1:])) and \
+            all(x <= y for x, y in zip(self.ends, self.ends[1:]))
+        self.offsets = offsets
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Tokens overlapping characters [start, end): a contiguous token range."""
+        if not self.monotonic:  # unusual tokenizer: scan
+            return _token_span(self.offsets, start, end)
+        first = bisect.bisect_right(self.ends, start)  # first token ending after `start`
+        last = bisect.bisect_left(self.starts, end) - 1  # last token starting before `end`
+        if first > last:
+            return (0, 0)
+        return (self.index[first], self.index[last] + 1)
+
+
 def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """Tokens overlapping characters [start, end): a contiguous token range."""
+    """Tokens overlapping characters [start, end): a contiguous token range (reference scan)."""
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not hits:
         return (0, 0)
@@ -120,12 +143,13 @@ def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tupl
     text, char_spans, qc_start, qc_end = build_text(docs, query, cfg, template, instruction)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    doc_spans = [_token_span(offsets, a, b) if b > a else (0, 0) for a, b in char_spans]
-    q_start = _token_span(offsets, qc_start, qc_start + 1)[0]
+    lookup = _Offsets(offsets)
+    doc_spans = [lookup.span(a, b) if b > a else (0, 0) for a, b in char_spans]
+    q_start = lookup.span(qc_start, qc_start + 1)[0]
     if cfg.query_span_end == "prompt_end":
         q_end = len(offsets)
     elif cfg.query_span_end == "query":
-        q_end = _token_span(offsets, qc_end - 1, qc_end)[1]
+        q_end = lookup.span(qc_end - 1, qc_end)[1]
     else:
         raise CorexpError(f"prompt.query_span_end must be query or prompt_end, got '{cfg.query_span_end}'")
     ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
