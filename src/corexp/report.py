@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default="BM25", help="method label the paired tests compare against")
     ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>)")
     args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's artifact is noise here
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
     try:
