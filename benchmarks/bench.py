@@ -3,7 +3,9 @@
     python benchmarks/bench.py --model smollm2 --out docs/benchmarks.md
 
 Every measurement runs in a fresh process, so peak RSS (CPU) or peak allocated memory (CUDA) is its own.
-`--random-weights mistralai/Mistral-7B-Instruct-v0.2`-style configs can be given with --config-json for GPU runs.
+GPU, random weights of a real architecture (config only, no download):
+    python benchmarks/bench.py --config-json benchmarks/configs/mistral-7b-instruct-v0.2.json --tokenizer <folder> \\
+        --dtype bfloat16 --device cuda
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,15 +25,56 @@ ROOT = Path(__file__).resolve().parents[1]
 MEM_LIMIT_MB = 20 * 1024  # eager output_attentions runs are capped at this address space so the machine survives
 
 
-def _peak_mb(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _load(model: str, keep: int | None, dtype: str, device: str, config_json: str | None):
+class PeakMemory:
+    """Peak memory of a code block above what was in use when it started.
+
+    CPU: a thread samples the resident set every millisecond (torch kernels release the GIL), so a working set
+    smaller than the loader's own transient peak still shows (max RSS of the process cannot). CUDA: the allocator's
+    peak statistics.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated() / 2**20
+            return self
+        self._base = self._max = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss_mb())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self._max, _rss_mb()) - self._base
+
+
+def _load(model: str, keep: int | None, dtype: str, device: str, config_json: str | None, tokenizer: str | None = None):
     import torch
 
     from corexp.models import LoadedModel, load_model
@@ -42,12 +86,13 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
         from corexp.attention import register
         from corexp.models import DTYPES, truncated_config
 
-        cfg = AutoConfig.for_model(**json.loads(Path(config_json).read_text()))
+        fields = {k: v for k, v in json.loads(Path(config_json).read_text()).items() if not k.startswith("_")}
+        cfg = AutoConfig.for_model(**fields)
         cfg, full, kept = truncated_config(cfg, keep)
         torch.manual_seed(0)
         with torch.device(device):
             m = AutoModel.from_config(cfg, attn_implementation=register(), dtype=DTYPES[dtype]).eval()
-        tok = AutoTokenizer.from_pretrained(str(ROOT / "benchmarks" / "tokenizer")) if (ROOT / "benchmarks" / "tokenizer").exists() else None
+        tok = AutoTokenizer.from_pretrained(tokenizer)
         return LoadedModel(m, tok, "random", full, kept, cfg.num_attention_heads, cfg.num_key_value_heads,
                            cfg.max_position_embeddings, torch.device(device), DTYPES[dtype], None, "random")
     cfg = compose([f"model={model}", f"model.dtype={dtype}", f"model.device={device}"])
@@ -79,11 +124,7 @@ def task(spec: dict) -> dict:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     torch.manual_seed(0)
-    lm = _load(spec["model"], spec.get("keep"), spec["dtype"], spec["device"], spec.get("config_json"))
-    base = _peak_mb(spec["device"])
-    if spec["device"].startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+    lm = _load(spec["model"], spec.get("keep"), spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
     prompt_cfg, template, docs, query, enc = _prompt(lm, spec.get("tokens"), spec.get("docs"), spec.get("max_words", 300))
     from corexp.data import Document
     from corexp.reranker import AttentionReranker
@@ -93,10 +134,11 @@ def task(spec: dict) -> dict:
     rr.template = template
     ids = enc.input_ids.to(lm.device)
     kind = spec["kind"]
+    documents = [Document(str(i), "", d) for i, d in enumerate(docs)]
 
     def run_once():
         if kind == "rerank":
-            rr.score(query, [Document(str(i), "", d) for i, d in enumerate(docs)])
+            rr.score(query, documents)
         elif kind == "plain_sdpa":
             lm.model.config._attn_implementation = "sdpa"
             with torch.inference_mode():
@@ -107,30 +149,77 @@ def task(spec: dict) -> dict:
                 out = lm.model(ids, output_attentions=True, use_cache=False)
                 torch.stack([a[0, :, enc.q_start:enc.q_end].float().mean(1) for a in out.attentions])
         elif kind == "detection":
-            rr.head_doc_masses(query, [Document(str(i), "", d) for i, d in enumerate(docs)])
+            rr.head_doc_masses(query, documents)
         if spec["device"].startswith("cuda"):
             torch.cuda.synchronize()
 
-    run_once()  # warm-up
+    with PeakMemory(spec["device"]) as mem:  # the first call: nothing cached yet, so its peak is the real cost
+        run_once()
     times, passes = [], []
     for _ in range(spec.get("repeats", 2)):
         t0 = time.perf_counter()
         run_once()
         times.append(time.perf_counter() - t0)
-    if kind == "rerank":
-        passes = rr.stats.pass_tokens
-    return {"kind": kind, "tokens": enc.length, "docs": len(docs), "seconds": statistics.median(times),
-            "peak_mb": _peak_mb(spec["device"]) - base, "kept_layers": lm.kept_layers, "layers": lm.num_layers,
-            "pass_tokens": passes}
+    result = {"kind": kind, "tokens": enc.length, "docs": len(docs), "seconds": statistics.median(times),
+              "peak_mb": mem.peak_mb, "kept_layers": lm.kept_layers, "layers": lm.num_layers}
+    if kind == "rerank":  # main pass(es), then the N/A pass, of the last call
+        result.update(pass_tokens=rr.stats.pass_tokens, pass_seconds=rr.stats.pass_seconds)
+    return result
+
+
+def agreement_scores(spec: dict) -> dict:
+    """ICR scores of the first N test queries of the embedded SciFact sample (BM25 top-20), one dtype."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from corexp.data import load_local, select_queries
+    from corexp.first_stage import candidates
+    from corexp.reranker import AttentionReranker
+    from helpers_bench import compose, sample_dir
+
+    lm = _load(spec["model"], None, spec["dtype"], spec["device"], None)
+    cfg = compose([f"model={spec['model']}"])
+    ds = load_local(sample_dir(), "test", "sample")
+    qids = select_queries(ds, spec["queries"], None)
+    run = candidates(ds.run, 20, False)
+    rr = AttentionReranker(lm, cfg.prompt, None, cfg.model.template, cfg.prompt.instruction)
+    out, t0 = {}, time.perf_counter()
+    for q in qids:
+        ids = [d for d, _ in run[q]]
+        found = ds.docs.get_many(ids)
+        out[q] = dict(zip(ids, rr.score(ds.queries[q], [found[d] for d in ids], q)))
+    return {"scores": out, "seconds_per_query": (time.perf_counter() - t0) / len(qids)}
+
+
+def agreement(a_scores: dict, b_scores: dict) -> dict:
+    """Share of queries with the same top-10 (in order), mean top-10 overlap, mean Kendall tau over all candidates."""
+    from scipy.stats import kendalltau
+
+    same, overlap, taus = [], [], []
+    for q, a in a_scores.items():
+        b = b_scores[q]
+        ids = sorted(a)
+        top_a = sorted(ids, key=lambda d: -a[d])[:10]
+        top_b = sorted(ids, key=lambda d: -b[d])[:10]
+        same.append(top_a == top_b)
+        overlap.append(len(set(top_a) & set(top_b)) / 10)
+        taus.append(kendalltau([a[d] for d in ids], [b[d] for d in ids]).statistic)
+    n = len(same)
+    return {"queries": n, "identical_top10": sum(same) / n, "top10_overlap": sum(overlap) / n,
+            "kendall_tau": sum(taus) / n}
 
 
 def _child(spec: dict, conn) -> None:
-    conn.send(task(spec))
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    conn.send((agreement_scores if spec["kind"] == "agreement" else task)(spec))
     conn.close()
 
 
 def measure(spec: dict) -> dict | None:
     """Run one measurement in a fresh process; None if it died (e.g. killed for memory)."""
+    what = spec.get("tokens") or spec.get("docs") or spec.get("queries")
+    print(f"[bench] {spec['kind']} {spec['dtype']} {what} (keep={spec.get('keep')})", file=sys.stderr, flush=True)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(spec, child))
@@ -144,36 +233,22 @@ def measure(spec: dict) -> dict | None:
     if proc.exitcode != 0:
         print(f"measurement {spec['kind']} at {spec.get('tokens') or spec.get('docs')} died (exit {proc.exitcode})", file=sys.stderr)
         return None
+    print(f"[bench] result {json.dumps({k: v for k, v in result.items() if k != 'scores'})}", file=sys.stderr, flush=True)
     return result
 
 
-def na_pass_share(spec: dict) -> dict:
-    """Time of the N/A suffix pass relative to the main (prefix + query) pass, inside one process."""
-    import torch
+def e2e_default_job(queries: int | None) -> dict:
+    """Wall time of the README's default job (`python -m corexp`), process start to exit, model already cached."""
+    import subprocess
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    lm = _load(spec["model"], None, spec["dtype"], spec["device"], spec.get("config_json"))
-    prompt_cfg, template, docs, query, enc = _prompt(lm, spec["tokens"], None, 300)
-    from corexp.prompt import encode
-    from corexp.reranker import AttentionReranker
-    import copy
-
-    rr = AttentionReranker(lm, prompt_cfg, None, template="plain")
-    rr.template = template
-    na = encode(lm.tokenizer, docs, "N/A", prompt_cfg, template, prompt_cfg.instruction)
-    t_main, t_na = [], []
-    for _ in range(spec.get("repeats", 2) + 1):
-        t0 = time.perf_counter()
-        cache = rr._prefix(enc.input_ids, enc.q_start)
-        cache2 = copy.deepcopy(cache)
-        rr._suffix_readout(enc.input_ids, enc.q_start, enc.q_end, cache, None)
-        t1 = time.perf_counter()
-        rr._suffix_readout(na.input_ids, na.q_start, na.q_end, cache2, None)
-        t2 = time.perf_counter()
-        t_main.append(t1 - t0)
-        t_na.append(t2 - t1)
-    return {"main_s": statistics.median(t_main[1:]), "na_s": statistics.median(t_na[1:]), "tokens": enc.length,
-            "na_tokens": na.length - na.q_start}
+    cmd = [sys.executable, "-m", "corexp", "force=true", "progress=false", "tracking.experiment=benchmark"]
+    if queries:
+        cmd.append(f"data.max_queries={queries}")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    seconds = time.perf_counter() - t0
+    n = queries or 50
+    return {"queries": n, "seconds": seconds, "qpm": 60 * n / seconds, "command": " ".join(["python", "-m", "corexp", *cmd[3:]])}
 
 
 def main() -> None:
@@ -184,44 +259,84 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--scaling", type=int, nargs="*", default=[10, 20, 40, 100])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
     ap.add_argument("--config-json", default=None, help="random-weight architecture (HF config JSON) instead of --model")
+    ap.add_argument("--tokenizer", default=None, help="with --config-json: a tokenizer folder whose ids fit the config's vocab")
+    ap.add_argument("--truncate", type=float, nargs="*", default=[0.5], help="P3: fractions of layers to drop")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also time bfloat16 at the first prompt length")
+    ap.add_argument("--agreement", type=int, default=0, help="bf16 vs fp32 ranking agreement on N SciFact queries")
+    ap.add_argument("--e2e", type=int, default=-1, help="queries of the default job to time end to end (0: all 50; -1: skip)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     a = ap.parse_args()
-    common = {"model": a.model, "dtype": a.dtype, "device": a.device, "repeats": a.repeats, "config_json": a.config_json}
-    lines = [f"# Benchmark: {a.model if not a.config_json else a.config_json} ({a.dtype}, {a.device})", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch threads {__import__('torch').get_num_threads()}; median of {a.repeats} runs after a warm-up; "
-             "peak memory above the loaded weights (CPU: max RSS, CUDA: max allocated). Command: `python benchmarks/bench.py "
+    import torch
+
+    common = {"model": a.model, "dtype": a.dtype, "device": a.device, "repeats": a.repeats, "config_json": a.config_json,
+              "threads": a.threads, "tokenizer": a.tokenizer}
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
+    lines = [f"# Benchmark: {a.model if not a.config_json else Path(a.config_json).stem} ({a.dtype}, {a.device})", "",
+             f"Device: {device_name}, torch {torch.__version__}, threads {a.threads or torch.get_num_threads()}; median of "
+             f"{a.repeats} timed runs after a first run; peak memory of that first run above what was in use before it "
+             "(CPU: resident set sampled every ms; CUDA: allocator peak). Command: `python benchmarks/bench.py "
              + " ".join(sys.argv[1:]) + "`", ""]
     rows = []
     for n in a.tokens:
         r = {k: measure({**common, "kind": k, "tokens": n}) for k in ("rerank", "plain_sdpa", "detection")}
-        if not a.skip_eager:
-            r["eager_attn"] = measure({**common, "kind": "eager_attn", "tokens": n})
+        r["eager_attn"] = None if a.skip_eager else measure({**common, "kind": "eager_attn", "tokens": n})
         layers = r["rerank"]["layers"]
-        half = measure({**common, "kind": "rerank", "tokens": n, "keep": layers // 2})
-        na = na_pass_share({**common, "tokens": n})
-        rows.append((n, r, half, na))
-    lines += ["| prompt tokens | re-rank (2 passes) s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | P2 speed-up (≥5) | "
-              "P2 peak MB re-rank / eager | P2 memory ratio (≥20) | P3 L/2 latency ratio (≤0.55) | P3 peak MB full → L/2 | "
-              "P4 N/A / main pass (≤0.10) | P5 detection / forward (≤1.3) |", "|" + "---|" * 12]
-    for n, r, half, na in rows:
-        rr_, sd, det = r["rerank"], r["plain_sdpa"], r["detection"]
-        ea = r.get("eager_attn")
-        if "eager_attn" in r and ea is None:
-            ea = {"seconds": float("nan"), "peak_mb": float("nan"), "died": True}
-        lines.append(
-            f"| {rr_['tokens']} | {rr_['seconds']:.2f} | {sd['seconds']:.2f} | {rr_['seconds'] / sd['seconds']:.2f} | "
-            + (("killed (out of memory) | – | " + f"{rr_['peak_mb']:.0f} / >{MEM_LIMIT_MB:.0f} | >{MEM_LIMIT_MB / max(rr_['peak_mb'], 1):.0f}× | ") if ea and ea.get("died") else
-               (f"{ea['seconds']:.2f} | {ea['seconds'] / rr_['seconds']:.1f}× | {rr_['peak_mb']:.0f} / {ea['peak_mb']:.0f} | {ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | " if ea else "– | – | – | – | "))
-            + f"{half['seconds'] / rr_['seconds']:.2f} (L'={half['kept_layers']}/{rr_['layers']}) | {rr_['peak_mb']:.0f} → {half['peak_mb']:.0f} | "
-            f"{na['na_s'] / na['main_s']:.3f} ({na['na_tokens']} tok) | {det['seconds'] / sd['seconds']:.2f} |")
+        cuts = [measure({**common, "kind": "rerank", "tokens": n, "keep": max(1, int((1 - f) * layers))}) for f in a.truncate]
+        rows.append((n, r, cuts))
+    lines += ["| prompt tokens | re-rank s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | "
+              "P2 speed-up (≥5) | P2 peak MB re-rank / plain / eager | P2 memory ratio (≥20) | P4 N/A / main pass (≤0.10) | "
+              "P5 detection / forward (≤1.3) |", "|" + "---|" * 10]
+    for n, r, _ in rows:
+        rr_, sd, det, ea = r["rerank"], r["plain_sdpa"], r["detection"], r["eager_attn"]
+        if a.skip_eager:
+            eager = "– | – | – | – | "
+        elif ea is None:
+            eager = (f"killed (> {MEM_LIMIT_MB / 1024:.0f} GB) | eager cannot run | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / > {MEM_LIMIT_MB} | "
+                     f"> {MEM_LIMIT_MB / max(rr_['peak_mb'], 1):.0f}× | ")
+        else:
+            eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / rr_['seconds']:.1f}× | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
+                     f"{ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | ")
+        main_s, na_s = sum(rr_["pass_seconds"][:-1]), rr_["pass_seconds"][-1]
+        lines.append(f"| {rr_['tokens']} | {rr_['seconds']:.2f} | {sd['seconds']:.2f} | {rr_['seconds'] / sd['seconds']:.2f} | {eager}"
+                     f"{na_s / main_s:.3f} ({rr_['pass_tokens'][-1]} tok) | {det['seconds'] / sd['seconds']:.2f} |")
+    lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
+              "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |", "|---|---|---|---|---|---|---|"]
+    for n, r, cuts in rows:
+        full = r["rerank"]
+        for c in cuts:
+            frac = c["kept_layers"] / full["layers"]
+            lines.append(f"| {full['tokens']} | {c['kept_layers']}/{full['layers']} | {c['seconds']:.2f} | "
+                         f"{c['seconds'] / full['seconds']:.2f} | {1.1 * frac:.2f} | {c['peak_mb']:.0f} | {full['peak_mb']:.0f} |")
+    if a.bf16 and a.dtype != "bfloat16":
+        n = a.tokens[0]
+        b = {k: measure({**common, "dtype": "bfloat16", "kind": k, "tokens": n}) for k in ("rerank", "plain_sdpa")}
+        f32 = rows[0][1]
+        lines += ["", f"bf16 vs {a.dtype} at {f32['rerank']['tokens']} prompt tokens:", "",
+                  f"| | {a.dtype} s | bfloat16 s | bf16 speed-up |", "|---|---|---|---|"]
+        for k in ("rerank", "plain_sdpa"):
+            lines.append(f"| {k} | {f32[k]['seconds']:.2f} | {b[k]['seconds']:.2f} | {f32[k]['seconds'] / b[k]['seconds']:.2f}× |")
+    if a.agreement:
+        s32 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "float32"})
+        s16 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "bfloat16"})
+        ag = agreement(s32["scores"], s16["scores"])
+        lines += ["", f"Ranking agreement, ICR bf16 vs fp32, embedded SciFact sample, first {ag['queries']} test queries, BM25 top-20:", "",
+                  "| identical top-10 (order) | top-10 overlap | mean Kendall τ (20 candidates) | fp32 s/query | bf16 s/query |",
+                  "|---|---|---|---|---|",
+                  f"| {ag['identical_top10']:.2f} | {ag['top10_overlap']:.3f} | {ag['kendall_tau']:.3f} | "
+                  f"{s32['seconds_per_query']:.1f} | {s16['seconds_per_query']:.1f} |"]
     if a.scaling:
-        lines += ["", "P6 scaling (re-rank, both passes; DL-style short documents: 50 words each):", "",
+        lines += ["", "P6 scaling (re-rank, all passes; short documents: at most 50 words each):", "",
                   "| candidates | prompt tokens | seconds | peak MB |", "|---|---|---|---|"]
         for k in a.scaling:
-            s = measure({**common, "kind": "rerank", "docs": k, "max_words": 50})
-            lines.append(f"| {k} | {s['tokens']} | {s['seconds']:.2f} | {s['peak_mb']:.0f} |")
+            sc = measure({**common, "kind": "rerank", "docs": k, "max_words": 50})
+            lines.append(f"| {k} | {sc['tokens']} | {sc['seconds']:.2f} | {sc['peak_mb']:.0f} |" if sc else f"| {k} | – | died | – |")
+    if a.e2e >= 0:
+        e = e2e_default_job(a.e2e or None)
+        lines += ["", f"End to end: `{e['command']}` ({e['queries']} queries, process start to exit, model cached): "
+                  f"{e['seconds']:.0f} s, **{e['qpm']:.1f} queries/minute**."]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
