@@ -72,3 +72,22 @@ def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert "already FINISHED" in third.stderr + third.stdout
+
+
+def test_parent_run_of_a_killed_sweep_is_marked_failed(tmp_path):
+    import socket
+
+    from corexp.callbacks import fail_killed_sweeps
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer exists
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    killed = client.create_run(exp, tags={"sweep": "parent", "sweep_host": host, "sweep_pid": str(dead.pid)}).info.run_id
+    alive = client.create_run(exp, tags={"sweep": "parent", "sweep_host": host, "sweep_pid": str(os.getpid())}).info.run_id
+    remote = client.create_run(exp, tags={"sweep": "parent", "sweep_host": "elsewhere", "sweep_pid": str(dead.pid)}).info.run_id
+    assert fail_killed_sweeps(mlflow, exp) == 1
+    status = {r: client.get_run(r).info.status for r in (killed, alive, remote)}
+    assert status == {killed: "FAILED", alive: "RUNNING", remote: "RUNNING"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,15 @@ class MlflowSweepCallback(Callback):
         from corexp import tracking
 
         mlflow = tracking.setup(config)
+        experiment_id = mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
+        fail_killed_sweeps(mlflow, experiment_id)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task)
         run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id,
-            run_name=f"sweep {sweep_dir.name}", tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir)},
+            experiment_id, run_name=f"sweep {sweep_dir.name}",
+            tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
+                  "sweep_host": socket.gethostname(), "sweep_pid": str(os.getpid())},
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
 
@@ -32,3 +37,29 @@ class MlflowSweepCallback(Callback):
         if path.is_file():
             mlflow = tracking.setup(config)
             mlflow.MlflowClient().set_terminated(path.read_text().strip(), status="FINISHED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def fail_killed_sweeps(mlflow: Any, experiment_id: str) -> int:
+    """Parent runs left RUNNING by a sweep whose process is gone from this host (killed): mark them FAILED.
+
+    A sweep running elsewhere or still alive here is left alone; children are handled by each job's own check.
+    """
+    client = mlflow.MlflowClient()
+    host, stale = socket.gethostname(), 0
+    for run in client.search_runs([experiment_id], "tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("sweep_host") == host and tags.get("sweep_pid", "").isdigit() and not _alive(int(tags["sweep_pid"])):
+            client.set_terminated(run.info.run_id, status="FAILED")
+            client.set_tag(run.info.run_id, "failure", "sweep process was killed before it ended")
+            stale += 1
+    return stale
