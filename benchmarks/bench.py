@@ -160,11 +160,70 @@ def task(spec: dict) -> dict:
         t0 = time.perf_counter()
         run_once()
         times.append(time.perf_counter() - t0)
-    result = {"kind": kind, "tokens": enc.length, "docs": len(docs), "seconds": statistics.median(times),
+    result = {"kind": kind, "tokens": enc.length, "docs": len(docs), "seconds": statistics.median(times) if times else None,
               "peak_mb": mem.peak_mb, "kept_layers": lm.kept_layers, "layers": lm.num_layers}
     if kind == "rerank":  # main pass(es), then the N/A pass, of the last call
         result.update(pass_tokens=rr.stats.pass_tokens, pass_seconds=rr.stats.pass_seconds)
     return result
+
+
+def interleaved(spec: dict) -> dict:
+    """Latencies of re-rank, plain forward, detection and truncated re-ranks, interleaved round by round in one
+    process, so that drift of a shared machine (other tenants, clocks) hits every variant alike; medians."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from corexp.attention import ATTN_IMPLEMENTATION
+    from corexp.data import Document
+    from corexp.reranker import AttentionReranker
+
+    torch.manual_seed(0)
+    lm = _load(spec["model"], None, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
+    prompt_cfg, template, docs, query, enc = _prompt(lm, spec["tokens"], None, 300)
+    documents = [Document(str(i), "", d) for i, d in enumerate(docs)]
+    ids = enc.input_ids.to(lm.device)
+
+    def reranker(m):
+        rr = AttentionReranker(m, prompt_cfg, None, template="plain")
+        rr.template = template
+        return rr
+
+    def plain():
+        lm.model.config._attn_implementation = "sdpa"
+        try:
+            with torch.inference_mode():
+                lm.model(ids, use_cache=False)
+        finally:
+            lm.model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+    full = reranker(lm)
+    cuts = {}
+    for keep in spec["keeps"]:
+        cut_lm = _load(spec["model"], keep, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
+        cuts[keep] = reranker(cut_lm)
+    fns = {"rerank": lambda: full.score(query, documents), "plain_sdpa": plain,
+           "detection": lambda: full.head_doc_masses(query, documents)}
+    fns.update({f"rerank_keep{k}": (lambda r=r: r.score(query, documents)) for k, r in cuts.items()})
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    passes: dict[str, list[float]] = {"main": [], "na": []}
+    for round_ in range(spec.get("repeats", 2) + 1):  # round 0 warms up
+        for name, fn in fns.items():
+            if spec["device"].startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if spec["device"].startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+                if name == "rerank":
+                    passes["main"].append(sum(full.stats.pass_seconds[:-1]))
+                    passes["na"].append(full.stats.pass_seconds[-1])
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update(tokens=enc.length, layers=lm.num_layers, na_tokens=full.stats.pass_tokens[-1],
+               main_pass=statistics.median(passes["main"]), na_pass=statistics.median(passes["na"]),
+               rounds=spec.get("repeats", 2))
+    return out
 
 
 def agreement_scores(spec: dict) -> dict:
@@ -212,7 +271,8 @@ def _child(spec: dict, conn) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    conn.send((agreement_scores if spec["kind"] == "agreement" else task)(spec))
+    fn = {"agreement": agreement_scores, "interleaved": interleaved}.get(spec["kind"], task)
+    conn.send(fn(spec))
     conn.close()
 
 
@@ -258,7 +318,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--scaling", type=int, nargs="*", default=[10, 20, 40, 100])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
     ap.add_argument("--config-json", default=None, help="random-weight architecture (HF config JSON) instead of --model")
     ap.add_argument("--tokenizer", default=None, help="with --config-json: a tokenizer folder whose ids fit the config's vocab")
@@ -275,46 +335,52 @@ def main() -> None:
               "threads": a.threads, "tokenizer": a.tokenizer}
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
     lines = [f"# Benchmark: {a.model if not a.config_json else Path(a.config_json).stem} ({a.dtype}, {a.device})", "",
-             f"Device: {device_name}, torch {torch.__version__}, threads {a.threads or torch.get_num_threads()}; median of "
-             f"{a.repeats} timed runs after a first run; peak memory of that first run above what was in use before it "
-             "(CPU: resident set sampled every ms; CUDA: allocator peak). Command: `python benchmarks/bench.py "
+             f"Device: {device_name}, torch {torch.__version__}, threads {a.threads or torch.get_num_threads()}; peak memory "
+             "above what was in use before the call (CPU: resident set sampled every ms; CUDA: allocator peak). "
+             "Command: `python benchmarks/bench.py "
              + " ".join(sys.argv[1:]) + "`", ""]
     rows = []
     for n in a.tokens:
-        r = {k: measure({**common, "kind": k, "tokens": n}) for k in ("rerank", "plain_sdpa", "detection")}
-        r["eager_attn"] = None if a.skip_eager else measure({**common, "kind": "eager_attn", "tokens": n})
+        mem = {**common, "repeats": 0, "tokens": n}  # fresh process each: peak memory of a first call
+        r = {k: measure({**mem, "kind": k}) for k in ("rerank", "plain_sdpa", "detection")}
+        r["eager_attn"] = None if a.skip_eager else measure({**mem, "kind": "eager_attn", "repeats": 1})
         layers = r["rerank"]["layers"]
-        cuts = [measure({**common, "kind": "rerank", "tokens": n, "keep": max(1, int((1 - f) * layers))}) for f in a.truncate]
-        rows.append((n, r, cuts))
-    lines += ["| prompt tokens | re-rank s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | "
+        keeps = [max(1, int((1 - f) * layers)) for f in a.truncate]
+        cuts = [measure({**mem, "kind": "rerank", "keep": k}) for k in keeps]
+        t = measure({**common, "kind": "interleaved", "tokens": n, "keeps": keeps})
+        rows.append((n, r, cuts, t))
+    lines += [f"Latencies: median of {a.repeats} rounds after a warm-up round, the variants interleaved in one process "
+              "(eager: its own process, one timed run after a first one). Peak memory: the first call, each in a fresh process.", "",
+              "| prompt tokens | re-rank s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | "
               "P2 speed-up (≥5) | P2 peak MB re-rank / plain / eager | P2 memory ratio (≥20) | P4 N/A / main pass (≤0.10) | "
               "P5 detection / forward (≤1.3) |", "|" + "---|" * 10]
-    for n, r, _ in rows:
-        rr_, sd, det, ea = r["rerank"], r["plain_sdpa"], r["detection"], r["eager_attn"]
+    for n, r, _, t in rows:
+        rr_, sd, ea = r["rerank"], r["plain_sdpa"], r["eager_attn"]
         if a.skip_eager:
             eager = "– | – | – | – | "
         elif ea is None:
             eager = (f"killed (> {MEM_LIMIT_MB / 1024:.0f} GB) | eager cannot run | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / > {MEM_LIMIT_MB} | "
                      f"> {MEM_LIMIT_MB / max(rr_['peak_mb'], 1):.0f}× | ")
         else:
-            eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / rr_['seconds']:.1f}× | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
+            eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / t['rerank']:.1f}× | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
                      f"{ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | ")
-        main_s, na_s = sum(rr_["pass_seconds"][:-1]), rr_["pass_seconds"][-1]
-        lines.append(f"| {rr_['tokens']} | {rr_['seconds']:.2f} | {sd['seconds']:.2f} | {rr_['seconds'] / sd['seconds']:.2f} | {eager}"
-                     f"{na_s / main_s:.3f} ({rr_['pass_tokens'][-1]} tok) | {det['seconds'] / sd['seconds']:.2f} |")
+        lines.append(f"| {t['tokens']} | {t['rerank']:.2f} | {t['plain_sdpa']:.2f} | {t['rerank'] / t['plain_sdpa']:.2f} | {eager}"
+                     f"{t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | {t['detection'] / t['plain_sdpa']:.2f} |")
     lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
               "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |", "|---|---|---|---|---|---|---|"]
-    for n, r, cuts in rows:
+    for n, r, cuts, t in rows:
         full = r["rerank"]
         for c in cuts:
-            frac = c["kept_layers"] / full["layers"]
-            lines.append(f"| {full['tokens']} | {c['kept_layers']}/{full['layers']} | {c['seconds']:.2f} | "
-                         f"{c['seconds'] / full['seconds']:.2f} | {1.1 * frac:.2f} | {c['peak_mb']:.0f} | {full['peak_mb']:.0f} |")
+            keep = c["kept_layers"]
+            sec = t[f"rerank_keep{keep}"]
+            lines.append(f"| {t['tokens']} | {keep}/{full['layers']} | {sec:.2f} | {sec / t['rerank']:.2f} | "
+                         f"{1.1 * keep / full['layers']:.2f} | {c['peak_mb']:.0f} | {full['peak_mb']:.0f} |")
     if a.bf16 and a.dtype != "bfloat16":
         n = a.tokens[0]
-        b = {k: measure({**common, "dtype": "bfloat16", "kind": k, "tokens": n}) for k in ("rerank", "plain_sdpa")}
-        f32 = rows[0][1]
-        lines += ["", f"bf16 vs {a.dtype} at {f32['rerank']['tokens']} prompt tokens:", "",
+        b16 = measure({**common, "dtype": "bfloat16", "kind": "interleaved", "tokens": n, "keeps": []})
+        b = {k: {"seconds": b16[k]} for k in ("rerank", "plain_sdpa")}
+        f32 = {"rerank": {"seconds": rows[0][3]["rerank"]}, "plain_sdpa": {"seconds": rows[0][3]["plain_sdpa"]}}
+        lines += ["", f"bf16 vs {a.dtype} at {b16['tokens']} prompt tokens:", "",
                   f"| | {a.dtype} s | bfloat16 s | bf16 speed-up |", "|---|---|---|---|"]
         for k in ("rerank", "plain_sdpa"):
             lines.append(f"| {k} | {f32[k]['seconds']:.2f} | {b[k]['seconds']:.2f} | {f32[k]['seconds'] / b[k]['seconds']:.2f}× |")
@@ -328,10 +394,11 @@ def main() -> None:
                   f"| {ag['identical_top10']:.2f} | {ag['top10_overlap']:.3f} | {ag['kendall_tau']:.3f} | "
                   f"{s32['seconds_per_query']:.1f} | {s16['seconds_per_query']:.1f} |"]
     if a.scaling:
-        lines += ["", "P6 scaling (re-rank, all passes; short documents: at most 50 words each):", "",
+        lines += ["", "P6 scaling (re-rank, all passes; short documents: at most 50 words each; one timed run after the "
+                  "first, whose peak memory is shown):", "",
                   "| candidates | prompt tokens | seconds | peak MB |", "|---|---|---|---|"]
         for k in a.scaling:
-            sc = measure({**common, "kind": "rerank", "docs": k, "max_words": 50})
+            sc = measure({**common, "kind": "rerank", "docs": k, "max_words": 50, "repeats": 1})
             lines.append(f"| {k} | {sc['tokens']} | {sc['seconds']:.2f} | {sc['peak_mb']:.0f} |" if sc else f"| {k} | – | died | – |")
     if a.e2e >= 0:
         e = e2e_default_job(a.e2e or None)
