@@ -134,7 +134,6 @@ class AttentionReranker:
             na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
             return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
 
-        real_rec = Readout(heads, rows=(0, enc.q_end - q_start), past_len=q_start)
         if self.croppable:
             real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
             na_cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)
@@ -145,6 +144,7 @@ class AttentionReranker:
                 log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
                 na_cache = self._forward(na.input_ids, 0, na.q_start, None, None)
         else:
+            real_rec = Readout(heads, rows=(0, enc.q_end - q_start), past_len=q_start)
             na, shared = na_encoding()
             cache = self._forward(enc.input_ids, 0, q_start, None, None)
             na_cache = copy.deepcopy(cache) if shared else None
