@@ -155,7 +155,7 @@ def task(spec: dict) -> dict:
 
     with PeakMemory(spec["device"]) as mem:  # the first call: nothing cached yet, so its peak is the real cost
         run_once()
-    times, passes = [], []
+    times = []
     for _ in range(spec.get("repeats", 2)):
         t0 = time.perf_counter()
         run_once()

@@ -1,5 +1,4 @@
 import ir_measures
-from omegaconf import OmegaConf
 
 from corexp.data import load_local
 from corexp.first_stage import candidates, first_stage_run
