@@ -117,32 +117,55 @@ def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
         k += 2
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _workload(spec: dict, keep: int | None = None, max_words: int = 300):
+    """Model, prompt and re-ranker of one measurement (the N-token prompt of `spec`, or its N documents)."""
+    from corexp.data import Document
+    from corexp.reranker import AttentionReranker
+
+    lm = _load(spec["model"], keep, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
+    prompt_cfg, template, docs, query, enc = _prompt(lm, spec.get("tokens"), spec.get("docs"), max_words)
+    rr = AttentionReranker(lm, prompt_cfg, None, template="plain")
+    rr.template = template
+    return lm, rr, enc, query, [Document(str(i), "", d) for i, d in enumerate(docs)]
+
+
+def _plain_forward(lm, ids) -> None:
+    """The same model over the same prompt with SDPA and no read-out: the floor a re-rank is compared with."""
+    import torch
+
+    from corexp.attention import ATTN_IMPLEMENTATION
+
+    lm.model.config._attn_implementation = "sdpa"
+    try:
+        with torch.inference_mode():
+            lm.model(ids, use_cache=False)
+    finally:
+        lm.model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+
 def task(spec: dict) -> dict:
+    """One variant in a fresh process: peak memory of its first call, then `repeats` timed calls (median)."""
     if spec["kind"] == "eager_attn" and not spec["device"].startswith("cuda"):
         resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT_MB * 2**20 + 4 * 2**30, resource.RLIM_INFINITY))
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     torch.manual_seed(0)
-    lm = _load(spec["model"], spec.get("keep"), spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
-    prompt_cfg, template, docs, query, enc = _prompt(lm, spec.get("tokens"), spec.get("docs"), spec.get("max_words", 300))
-    from corexp.data import Document
-    from corexp.reranker import AttentionReranker
-
-    heads = None if spec.get("heads") is None else [tuple(h) for h in spec["heads"]]
-    rr = AttentionReranker(lm, prompt_cfg, heads, template="plain")
-    rr.template = template
+    lm, rr, enc, query, documents = _workload(spec, spec.get("keep"), spec.get("max_words", 300))
     ids = enc.input_ids.to(lm.device)
     kind = spec["kind"]
-    documents = [Document(str(i), "", d) for i, d in enumerate(docs)]
 
     def run_once():
         if kind == "rerank":
             rr.score(query, documents)
         elif kind == "plain_sdpa":
-            lm.model.config._attn_implementation = "sdpa"
-            with torch.inference_mode():
-                lm.model(ids, use_cache=False)
+            _plain_forward(lm, ids)
         elif kind == "eager_attn":
             lm.model.set_attn_implementation("eager")
             with torch.inference_mode():
@@ -150,8 +173,7 @@ def task(spec: dict) -> dict:
                 torch.stack([a[0, :, enc.q_start:enc.q_end].float().mean(1) for a in out.attentions])
         elif kind == "detection":
             rr.head_doc_masses(query, documents)
-        if spec["device"].startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(spec["device"])
 
     with PeakMemory(spec["device"]) as mem:  # the first call: nothing cached yet, so its peak is the real cost
         run_once()
@@ -160,11 +182,8 @@ def task(spec: dict) -> dict:
         t0 = time.perf_counter()
         run_once()
         times.append(time.perf_counter() - t0)
-    result = {"kind": kind, "tokens": enc.length, "docs": len(docs), "seconds": statistics.median(times) if times else None,
-              "peak_mb": mem.peak_mb, "kept_layers": lm.kept_layers, "layers": lm.num_layers}
-    if kind == "rerank":  # main pass(es), then the N/A pass, of the last call
-        result.update(pass_tokens=rr.stats.pass_tokens, pass_seconds=rr.stats.pass_seconds)
-    return result
+    return {"kind": kind, "tokens": enc.length, "docs": len(documents), "seconds": statistics.median(times) if times else None,
+            "peak_mb": mem.peak_mb, "kept_layers": lm.kept_layers, "layers": lm.num_layers}
 
 
 def interleaved(spec: dict) -> dict:
@@ -172,48 +191,21 @@ def interleaved(spec: dict) -> dict:
     process, so that drift of a shared machine (other tenants, clocks) hits every variant alike; medians."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from corexp.attention import ATTN_IMPLEMENTATION
-    from corexp.data import Document
-    from corexp.reranker import AttentionReranker
-
     torch.manual_seed(0)
-    lm = _load(spec["model"], None, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
-    prompt_cfg, template, docs, query, enc = _prompt(lm, spec["tokens"], None, 300)
-    documents = [Document(str(i), "", d) for i, d in enumerate(docs)]
+    lm, full, enc, query, documents = _workload(spec)
     ids = enc.input_ids.to(lm.device)
-
-    def reranker(m):
-        rr = AttentionReranker(m, prompt_cfg, None, template="plain")
-        rr.template = template
-        return rr
-
-    def plain():
-        lm.model.config._attn_implementation = "sdpa"
-        try:
-            with torch.inference_mode():
-                lm.model(ids, use_cache=False)
-        finally:
-            lm.model.config._attn_implementation = ATTN_IMPLEMENTATION
-
-    full = reranker(lm)
-    cuts = {}
-    for keep in spec["keeps"]:
-        cut_lm = _load(spec["model"], keep, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
-        cuts[keep] = reranker(cut_lm)
-    fns = {"rerank": lambda: full.score(query, documents), "plain_sdpa": plain,
+    cuts = {keep: _workload(spec, keep)[1] for keep in spec["keeps"]}
+    fns = {"rerank": lambda: full.score(query, documents), "plain_sdpa": lambda: _plain_forward(lm, ids),
            "detection": lambda: full.head_doc_masses(query, documents)}
     fns.update({f"rerank_keep{k}": (lambda r=r: r.score(query, documents)) for k, r in cuts.items()})
     times: dict[str, list[float]] = {k: [] for k in fns}
     passes: dict[str, list[float]] = {"main": [], "na": []}
     for round_ in range(spec.get("repeats", 2) + 1):  # round 0 warms up
         for name, fn in fns.items():
-            if spec["device"].startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(spec["device"])
             t0 = time.perf_counter()
             fn()
-            if spec["device"].startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(spec["device"])
             if round_:
                 times[name].append(time.perf_counter() - t0)
                 if name == "rerank":
@@ -228,7 +220,6 @@ def interleaved(spec: dict) -> dict:
 
 def agreement_scores(spec: dict) -> dict:
     """ICR scores of the first N test queries of the embedded SciFact sample (BM25 top-20), one dtype."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from corexp.data import load_local, select_queries
     from corexp.first_stage import candidates
     from corexp.reranker import AttentionReranker
@@ -268,6 +259,8 @@ def agreement(a_scores: dict, b_scores: dict) -> dict:
 
 def _child(spec: dict, conn) -> None:
     import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # helpers_bench, in the spawned process
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -354,7 +347,7 @@ def main() -> None:
               "| prompt tokens | re-rank s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | "
               "P2 speed-up (≥5) | P2 peak MB re-rank / plain / eager | P2 memory ratio (≥20) | P4 N/A / main pass (≤0.10) | "
               "P5 detection / forward (≤1.3) |", "|" + "---|" * 10]
-    for n, r, _, t in rows:
+    for _, r, _, t in rows:
         rr_, sd, ea = r["rerank"], r["plain_sdpa"], r["eager_attn"]
         if a.skip_eager:
             eager = "– | – | – | – | "
@@ -368,7 +361,7 @@ def main() -> None:
                      f"{t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | {t['detection'] / t['plain_sdpa']:.2f} |")
     lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
               "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |", "|---|---|---|---|---|---|---|"]
-    for n, r, cuts, t in rows:
+    for _, r, cuts, t in rows:
         full = r["rerank"]
         for c in cuts:
             keep = c["kept_layers"]
@@ -378,12 +371,11 @@ def main() -> None:
     if a.bf16 and a.dtype != "bfloat16":
         n = a.tokens[0]
         b16 = measure({**common, "dtype": "bfloat16", "kind": "interleaved", "tokens": n, "keeps": []})
-        b = {k: {"seconds": b16[k]} for k in ("rerank", "plain_sdpa")}
-        f32 = {"rerank": {"seconds": rows[0][3]["rerank"]}, "plain_sdpa": {"seconds": rows[0][3]["plain_sdpa"]}}
+        f32 = rows[0][3]
         lines += ["", f"bf16 vs {a.dtype} at {b16['tokens']} prompt tokens:", "",
                   f"| | {a.dtype} s | bfloat16 s | bf16 speed-up |", "|---|---|---|---|"]
         for k in ("rerank", "plain_sdpa"):
-            lines.append(f"| {k} | {f32[k]['seconds']:.2f} | {b[k]['seconds']:.2f} | {f32[k]['seconds'] / b[k]['seconds']:.2f}× |")
+            lines.append(f"| {k} | {f32[k]:.2f} | {b16[k]:.2f} | {f32[k] / b16[k]:.2f}× |")
     if a.agreement:
         s32 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "float32"})
         s16 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "bfloat16"})

@@ -69,16 +69,15 @@ class Readout:
         first = total - s_l  # absolute position of the first key column
         q_lo, q_hi = self.past_len + r0, self.past_len + r1  # absolute positions of the rows: [q_lo, q_hi)
         # Causal: only columns after the first row can be masked; with a sliding window, also the oldest ones.
+        q_pos = torch.arange(q_lo, q_hi, device=q.device)[:, None]
         lo = max(0, q_lo + 1 - first)
         if lo < s_l:
             k_pos = torch.arange(first + lo, total, device=q.device)
-            q_pos = torch.arange(q_lo, q_hi, device=q.device)
-            scores[..., lo:].masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            scores[..., lo:].masked_fill_(k_pos[None, :] > q_pos, float("-inf"))
         if sliding_window and q_hi - 1 - sliding_window >= first:
             hi = min(s_l, q_hi - sliding_window - first)  # columns [0, hi) can be outside some row's window
             k_pos = torch.arange(first, first + hi, device=q.device)
-            q_pos = torch.arange(q_lo, q_hi, device=q.device)
-            scores[..., :hi].masked_fill_(k_pos[None, :] <= q_pos[:, None] - sliding_window, float("-inf"))
+            scores[..., :hi].masked_fill_(k_pos[None, :] <= q_pos - sliding_window, float("-inf"))
         probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (h, S_l)
         if s_l < total:
             probs = torch.nn.functional.pad(probs, (total - s_l, 0))

@@ -136,24 +136,21 @@ class AttentionReranker:
 
         if self.croppable:
             real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
-            na_cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)
+            cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)
             na, shared = na_encoding()  # on a GPU this overlaps the pass just queued
             if shared:
-                na_cache.crop(q_start - enc.q_end)  # negative: drop the query tokens
-            else:
-                log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
-                na_cache = self._forward(na.input_ids, 0, na.q_start, None, None)
+                cache.crop(q_start - enc.q_end)  # negative: drop the query tokens
         else:
             real_rec = Readout(heads, rows=(0, enc.q_end - q_start), past_len=q_start)
             na, shared = na_encoding()
-            cache = self._forward(enc.input_ids, 0, q_start, None, None)
-            na_cache = copy.deepcopy(cache) if shared else None
-            self._forward(enc.input_ids, q_start, enc.q_end, cache, real_rec)
-            if na_cache is None:  # tokenization differs inside the prefix: a full calibration pass
-                log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
-                na_cache = self._forward(na.input_ids, 0, na.q_start, None, None)
+            prefix = self._forward(enc.input_ids, 0, q_start, None, None)
+            cache = copy.deepcopy(prefix) if shared else None
+            self._forward(enc.input_ids, q_start, enc.q_end, prefix, real_rec)
+        if not shared:  # tokenization differs inside the prefix: the N/A prompt needs its own prefix pass
+            log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
+            cache = self._forward(na.input_ids, 0, na.q_start, None, None)
         na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
-        self._forward(na.input_ids, na.q_start, na.q_end, na_cache, na_rec)
+        self._forward(na.input_ids, na.q_start, na.q_end, cache, na_rec)
         scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)  # synchronizes
         self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
         return scores
