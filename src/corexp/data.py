@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -51,6 +52,25 @@ def _find(folder: Path, stem: str) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(*paths: Path) -> str:
+    """sha256 over the files' bytes (memoised per process by path, size and mtime): a location-free identity."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = path.stat()
+        memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _DIGESTS:
+            fh_hash = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    fh_hash.update(chunk)
+            _DIGESTS[memo] = fh_hash.hexdigest()
+        h.update(_DIGESTS[memo].encode())
+    return h.hexdigest()[:20]
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -196,7 +216,8 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
         if not run_path.is_file():
             raise CorexpError(f"first-stage run {run_path} does not exist; fix data.run_file")
         run = read_trec_run(run_path)
-    fingerprint = f"local:{folder.resolve()}:{split}:{corpus_path.stat().st_size}:{corpus_path.stat().st_mtime_ns}"
+    # Content, not location: a moved checkout, a CI clone or a cluster node with another path hits the same caches.
+    fingerprint = f"local-sha256:{file_digest(corpus_path, queries_path, qrels_path)}:{split}"
     return IRDataset(name, queries, qrels, DictDocStore(docs), run, fingerprint, {"source": str(folder), "split": split})
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import random
 from pathlib import Path
@@ -15,9 +17,12 @@ from corexp.cache import atomic_write_bytes, stable_key
 from corexp.data import IRDataset, load_dataset
 from corexp.errors import CorexpError
 from corexp.first_stage import first_stage_run
+from corexp.prompt import build_text
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "det-v1"
+CODE_VERSION = "det-v2"
+# Prompt fields that change which tokens a span covers without changing the prompt text.
+SPAN_FIELDS = ("marker_in_span", "query_span_end")
 
 
 def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg: Any) -> list[dict[str, Any]]:
@@ -46,13 +51,25 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
     return instances
 
 
+def instances_digest(reranker: Any, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
+    """Identity of a detection table by content: every instance's prompt text, positive slot and span convention.
+
+    Neither paths nor config spellings enter it, so a moved checkout or a cluster node hits the same cache, while any
+    change of data, first stage, prompt or sampling that changes what the model reads gives a new table.
+    """
+    h = hashlib.sha256(json.dumps({k: reranker.cfg.get(k) for k in SPAN_FIELDS}, sort_keys=True).encode())
+    for inst in instances:
+        docs = ds.docs.get_many(inst["docs"])
+        text = build_text(reranker.doc_texts([docs[d] for d in inst["docs"]]), ds.queries[inst["query_id"]],
+                          reranker.cfg, reranker.template, reranker.instruction)[0]
+        h.update(f"{len(text)}:{inst['pos_index']}:".encode())
+        h.update(text.encode())
+    return h.hexdigest()
+
+
 def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, first_stage_cfg: Any,
                      cache_dir: Path, model_key: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Masses (instances, layers, heads, docs) and positive indices; computed once per model+detection config."""
-    # Instances fix the document order themselves: the evaluation order option must not split the cache.
-    prompt_key = {**dict(reranker.cfg), "doc_order": "retriever", "seed": 0}
-    key = stable_key(CODE_VERSION, model_key, dict(det_cfg), prompt_key, reranker.template)
-    path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
+    """Masses (instances, layers, heads, docs) and positive indices; computed once per model + instance content."""
     ds = load_dataset(det_cfg)
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
     if overlap:
@@ -60,14 +77,16 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
             f"detection queries overlap the evaluation queries ({len(overlap)}, e.g. '{overlap[0]}'); "
             "use a different detection split (detection.split / detection.irds_id)"
         )
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return z["masses"], z["pos_index"]
     # Large training splits (NQ train: 132k queries): retrieve only for a seeded pool of judged queries.
     judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
     pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
     run, _ = first_stage_run(ds, pool, first_stage_cfg, cache_dir, show_progress=False)
     instances = build_instances(ds, run, det_cfg)
+    key = stable_key(CODE_VERSION, model_key, instances_digest(reranker, ds, instances))
+    path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return z["masses"], z["pos_index"]
     lm = reranker.lm
     masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
     for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):

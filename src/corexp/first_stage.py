@@ -45,24 +45,32 @@ def first_stage_run(
     source = cfg.source
     if source not in {"auto", "run", "bm25"}:
         raise CorexpError(f"first_stage.source must be auto, run or bm25, got '{source}'")
-    if source in {"auto", "run"} and ds.run is not None:
-        run, label = ds.run, "dataset-run"
-    elif source == "run":
+    shipped = ds.run if source in {"auto", "run"} else None
+    if source == "run" and shipped is None:
         raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
-    else:
-        key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords)
-        path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
-        if path.is_file():
-            run = read_trec_run(path)
-        else:
-            log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
-            run = bm25_run(ds, query_ids, cfg, show_progress=show_progress)
-            write_trec_run(run, path, "corexp-bm25")
-        label = "bm25s"
+    # auto: the dataset's own run where it covers the queries (a test-split run has no training queries), else BM25.
+    todo = query_ids if shipped is None else ([q for q in query_ids if q not in shipped] if source == "auto" else [])
+    run: dict[str, list[tuple[str, float]]] = {q: shipped[q] for q in query_ids if shipped and q in shipped}
+    labels = ["dataset-run"] if run else []
+    if todo:
+        run.update(cached_bm25(ds, todo, cfg, cache_dir, show_progress))
+        labels.append("bm25s")
+    label = "+".join(labels) or "bm25s"
     missing = [q for q in query_ids if q not in run]
     if missing:
         log.warning("%d of %d queries have no first-stage candidates (e.g. %s)", len(missing), len(query_ids), missing[0])
     return {q: run.get(q, []) for q in query_ids}, label
+
+
+def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool) -> dict[str, list[tuple[str, float]]]:
+    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords)
+    path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
+    if path.is_file():
+        return read_trec_run(path)
+    log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
+    run = bm25_run(ds, query_ids, cfg, show_progress=show_progress)
+    write_trec_run(run, path, "corexp-bm25")
+    return run
 
 
 def candidates(run: dict[str, list[tuple[str, float]]], depth: int, drop_self: bool = False) -> dict[str, list[tuple[str, float]]]:

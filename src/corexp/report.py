@@ -16,6 +16,7 @@ import pandas as pd
 from corexp.config import project_root
 from corexp.errors import CorexpError
 from corexp.evaluation import parse_measures, safe_name
+from corexp.labels import method_label
 
 DATASET_ORDER = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
                  "climate-fever", "scifact", "scifact-sample", "nq", "hotpotqa", "fever", "quora", "msmarco-dev", "dl19", "dl20"]
@@ -29,24 +30,6 @@ REFERENCE = {
                                                            "scifact": .762, "scidocs": .194, "fever": .853, "climate-fever": .239,
                                                            "dbpedia-entity": .372},
 }
-
-
-def method_label(p: dict) -> str:
-    metric = p.get("heads.metric", "all")
-    name = {"all": "ICR", "core": "CoRe", "qrhead": "QRHead", "random": "random", "published": "published"}.get(metric, metric)
-    if metric != "all":
-        name += f"-k{p.get('heads.k')}"
-    if metric == "core":
-        tau = p.get("heads.tau")
-        name += f" τ={tau if tau not in (None, 'None') else p.get('model.tau')}"
-    extras = []
-    if p.get("truncation.mode", "none") != "none":
-        extras.append(f"trunc={p['truncation.mode']}" + (f":{p.get('truncation.fraction')}" if p["truncation.mode"] == "fraction" else ""))
-    if p.get("prompt.doc_order", "retriever") != "retriever":
-        extras.append(p["prompt.doc_order"])
-    if p.get("fusion.mode", "none") != "none":
-        extras.append(f"fusion={p['fusion.mode']}")
-    return name + (f" [{', '.join(extras)}]" if extras else "")
 
 
 def load_runs(uri: str, experiments: list[str]) -> pd.DataFrame:

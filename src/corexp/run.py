@@ -113,10 +113,11 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        override_str = " ".join(HydraConfig.get().overrides.task)
+        overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
-        override_str = ""
-    with mlflow.start_run(run_name=cfg.tracking.get("run_name") or None, parent_run_id=parent,
+        overrides = []
+    override_str = " ".join(overrides)
+    with mlflow.start_run(run_name=tracking.run_name(mlflow, cfg, overrides), parent_run_id=parent,
                           tags={"config_hash": chash, "overrides": override_str}) as active:
         tracking.log_config(mlflow, cfg)
         ds = load_dataset(cfg.data)

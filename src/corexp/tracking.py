@@ -124,6 +124,42 @@ def _drop_unused(container: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
+# Overrides that say where a job reads or writes, not what it computes: left out of run names.
+_NAME_NOISE = ("paths.", "tracking.", "hydra.", "progress", "debug", "force", "experiment", "seed")
+_NAME_NOISE_SUFFIX = ("local_dir", ".path", "run_file", "cache_dir")
+
+
+def run_name(mlflow: Any, cfg: DictConfig, overrides: list[str]) -> str:
+    """A readable name, unique in the experiment: `smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample`.
+
+    It names what the job computes (labels.run_name) plus any overridden setting the name would not otherwise show;
+    an existing run of the same name (a forced rerun) gets ` #2`, ` #3`, ... Never drawn from the seeded RNG.
+    """
+    from corexp.labels import run_name as describe
+
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    varying = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        bare = key.lstrip("+~")
+        if not bare.startswith(_NAME_NOISE) and not bare.endswith(_NAME_NOISE_SUFFIX):
+            varying[bare] = value
+    name = describe(flatten(OmegaConf.to_container(cfg, resolve=True)), varying)
+    taken = {r.info.run_name for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                                                         filter_string=f"attributes.run_name LIKE '{_like(name)}%'")}
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name} #{n}"
+    return unique
+
+
+def _like(text: str) -> str:
+    """A LIKE prefix pattern for `text` ('_' matches itself as a wildcard, so only quotes and '%' need care)."""
+    return text.replace("'", "''").split("%")[0]
+
+
 def find_runs(mlflow: Any, experiment: str, chash: str) -> list[Any]:
     return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.config_hash = '{chash}'",
                               output_format="list")
