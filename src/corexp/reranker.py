@@ -51,7 +51,7 @@ class AttentionReranker:
         self.lm = lm
         self.cfg = prompt_cfg
         self.heads = heads
-        self.template = resolve_template(template, lm.tokenizer)
+        self.template = resolve_template(template, lm.tokenizer, prompt_cfg)
         self.instruction = instruction or prompt_cfg.instruction
         self.stats = PassStats()
         self._croppable: bool | None = None
@@ -67,7 +67,8 @@ class AttentionReranker:
 
     # -- prompt ---------------------------------------------------------------------------------
     def doc_texts(self, docs: list[Document]) -> list[str]:
-        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words) for d in docs]
+        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words, self.cfg.get("word_split", "whitespace"))
+                for d in docs]
 
     def encode(self, query: str, texts: list[str], query_id: str = "") -> tuple[EncodedPrompt, list[int]]:
         """Encode with the configured order; if the prompt overflows the context, drop the lowest-ranked candidates."""

@@ -26,6 +26,7 @@ from corexp.evaluation import evaluate, parse_measures, safe_name
 from corexp.first_stage import candidates, first_stage_run
 from corexp.models import load_model, model_dims
 from corexp.plots import heads_histogram, score_heatmap
+from corexp.prompt import for_dataset
 from corexp.reranker import AttentionReranker
 from corexp.scoring import fuse, rank, trec_scores
 
@@ -57,11 +58,9 @@ def keep_layers(cfg: DictConfig, n_layers: int, heads: list[H.Head] | None) -> i
     raise CorexpError(f"truncation.mode must be none, auto, fraction or layers, got '{mode}'")
 
 
-def instruction_for(cfg: DictConfig) -> str:
-    style = cfg.prompt.get("instruction_style", "fixed")
-    if style == "auto" and cfg.data.get("question_style"):
-        return cfg.prompt.question_instruction
-    return cfg.prompt.instruction
+def prompt_for(cfg: DictConfig) -> Any:
+    """The prompt config as used on this job's data set (ICR's question instruction / text-only rule)."""
+    return for_dataset(cfg.prompt, cfg.data.name, bool(cfg.data.get("question_style")))
 
 
 def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -> tuple[list[H.Head] | None, dict[str, Any]]:
@@ -82,7 +81,10 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -
         raise CorexpError(f"heads.tau must be a positive finite number, got {tau}")
     lm = load_model(cfg.model, cache)
     H.check_k(k, lm.num_layers * lm.num_heads)
-    det_rr = AttentionReranker(lm, cfg.prompt, None, cfg.model.template, instruction_for(cfg))
+    det_prompt = prompt_for(cfg)
+    if cfg.detection.get("max_words") is not None:  # shorter detection documents: a cheaper detection pass
+        det_prompt.max_words = int(cfg.detection.max_words)
+    det_rr = AttentionReranker(lm, det_prompt, None, cfg.model.template)
     model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
     masses, pos = detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
     core, qr = H.core_scores(masses, pos, tau), H.qrhead_scores(masses, pos)
@@ -145,7 +147,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
             log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
             mlflow.set_tag("heads_reselected", "true")
         lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
-        rr = AttentionReranker(lm, cfg.prompt, heads, cfg.model.template, instruction_for(cfg))
+        rr = AttentionReranker(lm, prompt_for(cfg), heads, cfg.model.template)
         mlflow.set_tags({"model_source": lm.source, "model_sha256": lm.sha256 or "n/a"})
         _log_heads(mlflow, heads, head_info, lm.num_layers, lm.num_heads, out_dir, cfg)
 
