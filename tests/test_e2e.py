@@ -63,7 +63,7 @@ def test_core_heads_with_auto_truncation_log_head_artifacts(tmp_path, tiny_dir):
 def test_bad_input_is_one_line_and_no_traceback(tmp_path, tiny_dir):
     proc = run_cli(tmp_path, *tiny_model_args(tiny_dir), "heads=random", "heads.k=0", expect_ok=False)
     assert proc.returncode == 2
-    assert "corexp: error: heads.k=0 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+    assert "corexp: error: heads.k=0 is not allowed" in proc.stderr and "Traceback" not in proc.stderr
     assert all(r.info.status != "RUNNING" for r in finished_runs(tmp_path))
 
 

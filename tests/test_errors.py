@@ -46,13 +46,13 @@ CASES = {
     "duplicate document ids": (["data.local_dir={dup}"], "duplicate document id"),
     "prompt over the model maximum": (["prompt.overflow=error", "model.max_context=40"], "exceeds the model context"),
     "heads out of range": (["heads=published", "+model.published_heads.core=[99-0]", "heads.k=1"], "outside the model"),
-    "k = 0": (["heads=random", "heads.k=0"], "heads.k=0 is out of range"),
+    "k = 0": (["heads=random", "heads.k=0"], "heads.k=0 is not allowed: use an integer >= 1"),
     "k > number of heads": (["heads=random", "heads.k=1000"], "heads.k=1000 is out of range"),
-    "invalid tau": (["heads=core", "heads.tau=-1"], "tau must be a positive"),
+    "invalid tau": (["heads=core", "heads.tau=-1"], r"heads.tau=-1(\.0)? is not allowed: use null \(the model's tau\) or a finite number > 0"),
     "truncation removes a published head": (["heads=published", "+model.published_heads.core=[3-0]", "heads.k=1",
                                              "truncation=layers", "truncation.layers=2"], "published heads reach layer 3"),
     "unknown measure": (["data.measures=[nDCG@@10]"], "cannot parse measure"),
-    "bad depth": (["first_stage.depth=0"], "depth must be >= 1"),
+    "bad depth": (["first_stage.depth=0"], "first_stage.depth=0 is not allowed: use an integer >= 1"),
 }
 
 

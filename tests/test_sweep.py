@@ -14,7 +14,7 @@ def sweep(tmp_path, tiny, *extra):
     cmd = [sys.executable, "-m", "corexp", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
            f"hydra.sweep.dir={tmp_path}/sweep", "progress=false", f"model.path={tiny}", "model.gguf=null",
            "model.template=plain", "model.name=tiny", "prompt.max_words=20", "data.max_queries=2", "first_stage.depth=3",
-           "heads=all,random", "heads.k=0", *extra]
+           "heads=all,published", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -28,7 +28,7 @@ def test_sweep_parent_children_failure_and_resume(tmp_path):
     assert len(parents) == 1 and len(children) == 2, first.stderr[-2000:]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     status = {r.data.tags["method"]: r.info.status for r in children}
-    assert status == {"all": "FINISHED", "random": "FAILED"}
+    assert status == {"all": "FINISHED", "published": "FAILED"}
     assert all("heads=" in r.data.tags["overrides"] and r.data.tags["git_commit"] for r in children)
     second = sweep(tmp_path, tiny)
     assert "already FINISHED" in second.stderr + second.stdout

@@ -1,7 +1,12 @@
-"""`python -m corexp [overrides]`: the Hydra entry point; bad input ends in one line, not a traceback."""
+"""`python -m corexp [overrides]`: the Hydra entry point; bad input ends in one line, not a traceback.
+
+Overrides are checked against corexp.validation's table before Hydra composes anything; the composed config is
+checked again (values from experiment files) before any model or data is loaded. `dry_run=true` prints the plan.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -14,11 +19,30 @@ from corexp.errors import CorexpError
 log = logging.getLogger("corexp")
 
 
-@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    from corexp.run import run_job
+def main() -> None:
+    """Console entry: one line for an invalid setting on the command line, then Hydra."""
+    from corexp.validation import check_overrides
 
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        print(f"corexp: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
+        from corexp.validation import validate
+
+        validate(cfg)
+        if cfg.get("dry_run"):
+            from corexp.plan import job_plan
+
+            print(json.dumps(job_plan(cfg), indent=1, ensure_ascii=False))
+            return None
+        from corexp.run import run_job
+
         metrics = run_job(cfg)
     except CorexpError as err:
         if cfg.get("debug"):

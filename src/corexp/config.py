@@ -36,11 +36,18 @@ def data_folder(data_dir: str | None, name: str) -> str | None:
     return str(folder) if folder.is_dir() else None
 
 
+def resource_query_ids(name: str, split: str = "test") -> list[str]:
+    """The judged query ids of a packaged sample's split (e.g. the 50 SciFact test queries), sorted."""
+    lines = (RESOURCES_DIR / name / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
+    return sorted({line.split("\t")[0] for line in lines if line.strip()}, key=lambda q: (len(q), q))
+
+
 def _register_resolvers() -> None:
     resolvers = {
         "corexp_root": lambda: str(project_root()),
         "corexp_resource": lambda name: str(RESOURCES_DIR / name),
         "corexp_data_folder": data_folder,
+        "corexp_resource_query_ids": resource_query_ids,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

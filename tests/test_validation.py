@@ -1,0 +1,193 @@
+"""Every numeric and enum setting: a value either means exactly what it says, or the CLI stops with one line.
+
+The allowed values are written here independently of corexp.validation (they are the README's table): the test is
+the specification, the module the implementation.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from corexp.errors import CorexpError
+from corexp.validation import RULES, check_overrides, validate
+from helpers import compose_cfg
+
+BASE = ["heads=core", "truncation=fraction", "fusion=linear", "first_stage=dense"]
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v):
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def int_at_least(lo, nullable=False):
+    return lambda v: (v is None and nullable) or (is_int(v) and v >= lo)
+
+
+def num_in(lo, hi=None, lo_open=False, hi_open=False, nullable=False):
+    def ok(v):
+        if v is None:
+            return nullable
+        if not is_num(v):
+            return False
+        if v < lo or (lo_open and v == lo):
+            return False
+        return hi is None or v < hi or (v == hi and not hi_open)
+    return ok
+
+
+def one_of(*names):
+    return lambda v: isinstance(v, str) and v in names
+
+
+DEVICES = lambda v: isinstance(v, str) and (v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()))  # noqa: E731
+
+# setting -> (is the value allowed?, what the plan must show for an allowed value: plan -> value)
+SPEC = {
+    "data.max_queries": (int_at_least(1, nullable=True), lambda p, v: p["queries"] == (50 if v is None else min(v, 50))),
+    "first_stage.depth": (int_at_least(1), lambda p, v: p["depth"] == v),
+    "first_stage.hits": (int_at_least(1), None),
+    "first_stage.k1": (num_in(0), None),
+    "first_stage.b": (num_in(0, 1), None),
+    "first_stage.rrf_k": (int_at_least(1), None),
+    "first_stage.chunk_size": (int_at_least(1), None),
+    "first_stage.encoder.batch_size": (int_at_least(1), None),
+    "first_stage.encoder.max_seq_length": (int_at_least(1, nullable=True), None),
+    "heads.k": (int_at_least(1), lambda p, v: p["heads"] == v),
+    "heads.tau": (num_in(0, lo_open=True, nullable=True), lambda p, v: p["tau"] == (0.1 if v is None else v)),
+    "heads.seed": (int_at_least(0), None),
+    "truncation.fraction": (num_in(0, 1, hi_open=True), lambda p, v: p["truncation"]["fraction"] == v),
+    "truncation.layers": (int_at_least(1, nullable=True), lambda p, v: p["truncation"]["layers"] == v),
+    "detection.num_queries": (int_at_least(1), lambda p, v: p["detection"]["queries"] == v),
+    "detection.num_negatives": (int_at_least(1), lambda p, v: p["detection"]["negatives"] == v),
+    "detection.positions": (lambda v: is_int(v) and 1 <= v <= 20, lambda p, v: p["detection"]["positions"] == v),
+    "detection.max_words": (int_at_least(1, nullable=True), None),
+    "prompt.max_words": (int_at_least(1, nullable=True), lambda p, v: p["max_words"] == v),
+    "prompt.doc_order": (one_of("retriever", "reversed", "shuffled"), lambda p, v: p["doc_order"] == v),
+    "prompt.overflow": (one_of("reduce", "error"), None),
+    "prompt.word_split": (one_of("whitespace", "space"), None),
+    "fusion.alpha": (num_in(0, 1), lambda p, v: p["fusion"]["alpha"] == v),
+    "fusion.rrf_k": (int_at_least(1), lambda p, v: p["fusion"]["rrf_k"] == v),
+    "model.dtype": (one_of("auto", "bfloat16", "float32", "float16"), lambda p, v: p["dtype"] == v),
+    "model.device": (DEVICES, lambda p, v: p["device"] == v),
+}
+ENUM_WORDS = ["retriever", "reversed", "shuffled", "reduce", "error", "whitespace", "space", "auto", "bfloat16",
+              "float32", "float16", "cpu", "cuda", "cuda:1", "mps", "tpu", "sideways", "int8", "abc", ""]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 60),
+    st.integers(-10**12, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.floats(min_value=-0.5, max_value=1.5),
+    st.sampled_from(ENUM_WORDS),
+)
+
+
+def override(key, v):
+    if v is None:
+        return f"{key}=null"
+    if isinstance(v, bool):
+        return f"{key}={str(v).lower()}"
+    if isinstance(v, str):
+        return f"{key}='{v}'"  # quoted: always a string, whatever it spells
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{key}={'nan' if v != v else ('inf' if v > 0 else '-inf')}"
+    return f"{key}={v!r}"
+
+
+def test_every_spec_setting_is_in_the_rules_table():
+    assert set(SPEC) <= set(RULES)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(SPEC)), VALUES)
+def test_rules_agree_with_the_spec(key, value):
+    """In process and fast: the command-line check and the composed-config check both follow the spec."""
+    allowed = SPEC[key][0](value)
+    if key == "detection.positions" and is_int(value) and value > 20:  # bounded by num_negatives + 1 = 20
+        assert check_overrides([override(key, value)]) is None
+        with pytest.raises(CorexpError, match="detection.positions="):
+            validate(compose_cfg([*BASE, override(key, value)]))
+        return
+    msg = check_overrides([override(key, value)])
+    assert (msg is None) == allowed, (key, value, msg)
+    if not allowed:
+        assert msg.startswith(f"{key}=") and "is not allowed: use " in msg and "\n" not in msg
+    else:
+        validate(compose_cfg([*BASE, override(key, value)]))
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    from tiny_models import save_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("cli")
+    return tmp, save_tiny_checkpoint(tmp / "tiny")
+
+
+CASES_RUN = []
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(SPEC)), VALUES)
+def test_cli_runs_what_the_value_means_or_stops_with_one_line(cli_env, key, value):
+    """The real CLI: an allowed value gives exactly that plan; any other exits non-zero with one line, no traceback,
+    and creates no MLflow run (invalid values run without dry_run, so a miss would start a real job)."""
+    tmp, tiny = cli_env
+    CASES_RUN.append((key, value))
+    allowed, check = SPEC[key]
+    allowed = allowed(value) and not (key == "detection.positions" and value > 20)
+    db = tmp / f"m{len(CASES_RUN)}.db"
+    cmd = [sys.executable, "-m", "corexp", *BASE, override(key, value), f"tracking.uri=sqlite:///{db}",
+           f"hydra.run.dir={tmp}/out", "progress=false", f"model.path={tiny}", "model.gguf=null", "model.template=plain",
+           "model.name=tiny", f"paths.cache_dir={tmp}/cache"]
+    if allowed:
+        cmd.append("dry_run=true")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if allowed:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        plan = json.loads(proc.stdout[proc.stdout.index("{"):])
+        if check is not None:
+            assert check(plan, value), (key, value, plan)
+    else:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"corexp: error: {key}="), proc.stderr[-2000:]
+        assert not db.exists()  # stopped before MLflow was even opened
+
+
+def test_negative_max_queries_fails_fast_with_one_line(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "corexp", "data.max_queries=-5", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2 and not (tmp_path / "m.db").exists()
+    assert proc.stderr.strip() == ("corexp: error: data.max_queries=-5 is not allowed: "
+                                   "use null (all queries) or an integer >= 1")
+    assert elapsed < 30  # seconds, not a job: nothing was loaded (typically ~2 s)
+
+
+def test_sweep_values_are_checked_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "corexp", "-m", "heads.k=4,0", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("corexp: error: heads.k=0 is not allowed")
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_values_from_config_files_are_checked_in_the_job():
+    cfg = compose_cfg(["detection.positions=5", "detection.num_negatives=3"])
+    with pytest.raises(CorexpError, match=r"detection.positions=5 is not allowed: use 1..4"):
+        validate(cfg)
+    with pytest.raises(CorexpError, match="truncation.layers=null is not allowed with truncation=layers"):
+        validate(compose_cfg(["truncation=layers", "truncation.layers=null"]))
