@@ -124,14 +124,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _workload(spec: dict, keep: int | None = None, max_words: int = 300):
+def _workload(spec: dict, keep: int | None = None, max_words: int = 300, one_pass: bool = True):
     """Model, prompt and re-ranker of one measurement (the N-token prompt of `spec`, or its N documents)."""
     from corexp.data import Document
     from corexp.reranker import AttentionReranker
 
     lm = _load(spec["model"], keep, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
+    lm.max_context = 10**7  # long-prompt points may exceed the model's trained context: a cost measurement only
     prompt_cfg, template, docs, query, enc = _prompt(lm, spec.get("tokens"), spec.get("docs"), max_words)
-    rr = AttentionReranker(lm, prompt_cfg, None, template="plain")
+    rr = AttentionReranker(lm, prompt_cfg, None, template="plain", one_pass=spec.get("one_pass", one_pass))
     rr.template = template
     return lm, rr, enc, query, [Document(str(i), "", d) for i, d in enumerate(docs)]
 
@@ -192,11 +193,15 @@ def interleaved(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
+    from corexp.reranker import AttentionReranker
+
     lm, full, enc, query, documents = _workload(spec)
+    two = AttentionReranker(lm, full.cfg, None, template="plain", one_pass=False)
+    two.template = full.template
     ids = enc.input_ids.to(lm.device)
     cuts = {keep: _workload(spec, keep)[1] for keep in spec["keeps"]}
-    fns = {"rerank": lambda: full.score(query, documents), "plain_sdpa": lambda: _plain_forward(lm, ids),
-           "detection": lambda: full.head_doc_masses(query, documents)}
+    fns = {"rerank": lambda: full.score(query, documents), "rerank_two_pass": lambda: two.score(query, documents),
+           "plain_sdpa": lambda: _plain_forward(lm, ids), "detection": lambda: full.head_doc_masses(query, documents)}
     fns.update({f"rerank_keep{k}": (lambda r=r: r.score(query, documents)) for k, r in cuts.items()})
     times: dict[str, list[float]] = {k: [] for k in fns}
     passes: dict[str, list[float]] = {"main": [], "na": []}
@@ -208,13 +213,14 @@ def interleaved(spec: dict) -> dict:
             _sync(spec["device"])
             if round_:
                 times[name].append(time.perf_counter() - t0)
-                if name == "rerank":
-                    passes["main"].append(sum(full.stats.pass_seconds[:-1]))
-                    passes["na"].append(full.stats.pass_seconds[-1])
+                if name == "rerank_two_pass":
+                    passes["main"].append(sum(two.stats.pass_seconds[:-1]))
+                    passes["na"].append(two.stats.pass_seconds[-1])
     out = {k: statistics.median(v) for k, v in times.items()}
-    out.update(tokens=enc.length, layers=lm.num_layers, na_tokens=full.stats.pass_tokens[-1],
+    out.update(tokens=enc.length, layers=lm.num_layers, na_tokens=two.stats.pass_tokens[-1],
                main_pass=statistics.median(passes["main"]), na_pass=statistics.median(passes["na"]),
-               rounds=spec.get("repeats", 2))
+               passes_one=len(full.stats.pass_tokens), passes_two=len(two.stats.pass_tokens),
+               one_pass_tokens=full.stats.pass_tokens[0], rounds=spec.get("repeats", 2))
     return out
 
 
@@ -317,6 +323,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="with --config-json: a tokenizer folder whose ids fit the config's vocab")
     ap.add_argument("--truncate", type=float, nargs="*", default=[0.5], help="P3: fractions of layers to drop")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--long", type=int, nargs="*", default=[], help="long-prompt points (tokens): re-rank vs plain forward")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 at the first prompt length")
     ap.add_argument("--agreement", type=int, default=0, help="bf16 vs fp32 ranking agreement on N SciFact queries")
     ap.add_argument("--e2e", type=int, default=-1, help="queries of the default job to time end to end (0: all 50; -1: skip)")
@@ -344,9 +351,12 @@ def main() -> None:
         rows.append((n, r, cuts, t))
     lines += [f"Latencies: median of {a.repeats} rounds after a warm-up round, the variants interleaved in one process "
               "(eager: its own process, one timed run after a first one). Peak memory: the first call, each in a fresh process.", "",
-              "| prompt tokens | re-rank s | plain SDPA forward s | P1 ratio (≤1.1) | eager output_attentions s | "
-              "P2 speed-up (≥5) | P2 peak MB re-rank / plain / eager | P2 memory ratio (≥20) | P4 N/A / main pass (≤0.10) | "
-              "P5 detection / forward (≤1.3) |", "|" + "---|" * 10]
+              "Re-rank = one forward per query (real and N/A query rows in one pass, tree attention; the default); "
+              "two-pass = the N/A query as a second pass over the cached documents (`one_pass=False`, the previous path).", "",
+              "| prompt tokens | re-rank s (one pass) | two-pass s | plain SDPA forward s | P1 ratio (≤1.1) one pass / two-pass | "
+              "eager output_attentions s | P2 speed-up (≥5) | P2 peak MB re-rank / plain / eager | P2 memory ratio (≥20) | "
+              "P4 second pass / main pass (≤0.10) one pass / two-pass | forward passes per query one pass / two-pass | "
+              "P5 detection / forward (≤1.3) |", "|" + "---|" * 12]
     for _, r, _, t in rows:
         rr_, sd, ea = r["rerank"], r["plain_sdpa"], r["eager_attn"]
         if a.skip_eager:
@@ -357,8 +367,10 @@ def main() -> None:
         else:
             eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / t['rerank']:.1f}× | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
                      f"{ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | ")
-        lines.append(f"| {t['tokens']} | {t['rerank']:.2f} | {t['plain_sdpa']:.2f} | {t['rerank'] / t['plain_sdpa']:.2f} | {eager}"
-                     f"{t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | {t['detection'] / t['plain_sdpa']:.2f} |")
+        lines.append(f"| {t['tokens']} | {t['rerank']:.2f} | {t['rerank_two_pass']:.2f} | {t['plain_sdpa']:.2f} | "
+                     f"{t['rerank'] / t['plain_sdpa']:.2f} / {t['rerank_two_pass'] / t['plain_sdpa']:.2f} | {eager}"
+                     f"{0 if t['passes_one'] == 1 else float('nan')} / {t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | "
+                     f"{t['passes_one']} / {t['passes_two']} | {t['detection'] / t['plain_sdpa']:.2f} |")
     lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
               "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |", "|---|---|---|---|---|---|---|"]
     for _, r, cuts, t in rows:
@@ -392,6 +404,22 @@ def main() -> None:
         for k in a.scaling:
             sc = measure({**common, "kind": "rerank", "docs": k, "max_words": 50, "repeats": 1})
             lines.append(f"| {k} | {sc['tokens']} | {sc['seconds']:.2f} | {sc['peak_mb']:.0f} |" if sc else f"| {k} | – | died | – |")
+    if a.long:
+        lines += ["", "Long prompts (the papers' sizes: 40-200 documents of 300-400 words): re-rank (one pass, all heads) "
+                  "against a plain SDPA forward, each in a fresh process; latency of one timed run after the first, "
+                  "peak memory of the first. A point that dies (memory) marks the limit.", "",
+                  "| target tokens | prompt tokens | re-rank s | plain SDPA s | ratio | peak MB re-rank | peak MB plain |",
+                  "|---|---|---|---|---|---|---|"]
+        for n in a.long:
+            lr = measure({**common, "kind": "rerank", "tokens": n, "repeats": 1})
+            lp = measure({**common, "kind": "plain_sdpa", "tokens": n, "repeats": 1})
+            if lr and lp:
+                lines.append(f"| {n} | {lr['tokens']} | {lr['seconds']:.2f} | {lp['seconds']:.2f} | {lr['seconds'] / lp['seconds']:.2f} | "
+                             f"{lr['peak_mb']:.0f} | {lp['peak_mb']:.0f} |")
+            else:
+                rs = "died" if not lr else f"{lr['seconds']:.2f}"
+                ps = "died" if not lp else f"{lp['seconds']:.2f}"
+                lines.append(f"| {n} | – | {rs} | {ps} | – | – | – |")
     if a.e2e >= 0:
         e = e2e_default_job(a.e2e or None)
         lines += ["", f"End to end: `{e['command']}` ({e['queries']} queries, process start to exit, model cached): "

@@ -5,11 +5,10 @@ The expected strings below are written by hand from docs/OFFICIAL_PROMPTS.md (tw
 """
 
 import pytest
-from omegaconf import OmegaConf
 
 from corexp.data import Document
 from corexp.errors import CorexpError
-from corexp.prompt import for_dataset, prepare_text, resolve_template
+from corexp.prompt import for_dataset, prepare_text
 from corexp.reranker import AttentionReranker
 from helpers import compose_cfg
 

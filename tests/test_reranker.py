@@ -56,7 +56,7 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
     tiny_dir = any_tiny_dir
     prompt_cfg = OmegaConf.structured(PromptConfig)
     lm = load(tiny_dir)
-    rr = AttentionReranker(lm, prompt_cfg, heads, template="plain")
+    rr = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
     got = rr.score(QUERY, DOCS)
     all_heads = heads or [(l, h) for l in range(4) for h in range(4)]
     ref = reference_scores(tiny_dir, prompt_cfg, all_heads)
@@ -130,3 +130,42 @@ def test_sliding_window_model_scores_match_reference(tmp_path):
         rows.append((sum(a[0, :, enc.q_start:enc.q_end].mean(1).sum(0) for a in att), enc))
     (s_q, enc), (s_na, _) = rows
     assert got == pytest.approx(document_scores(s_q[: enc.q_start] - s_na[: enc.q_start], enc.doc_spans), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    from tiny_models import tiny_configs
+
+    return {name: save_tiny_checkpoint(tmp_path_factory.mktemp(name), name) for name in tiny_configs()}
+
+
+LONG_DOCS = [Document(str(i), "", " ".join(["the cells protein gene expression of patients"] * (1 + i % 3)))
+             for i in range(6)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "granite"])
+@pytest.mark.parametrize("heads,keep", [(None, None), ([(0, 1), (2, 3), (1, 0)], None), ([(0, 1), (2, 3), (1, 0)], 3)])
+def test_one_pass_equals_two_passes_and_the_eager_reference(arch_dirs, arch, heads, keep):
+    """Real and N/A query rows in one forward (tree attention) give the two-pass scores: Mistral's window (16) and
+    Gemma-3's sliding layers (12) are far shorter than these prompts, so the windows are exercised."""
+    tiny = arch_dirs[arch]
+    prompt_cfg = OmegaConf.structured(PromptConfig)
+    lm = load(tiny, keep=keep)
+    one = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=True)
+    two = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
+    got_one, got_two = one.score(QUERY, LONG_DOCS), two.score(QUERY, LONG_DOCS)
+    assert got_one == pytest.approx(got_two, abs=1e-5)
+    enc = encode(lm.tokenizer, [d.text for d in LONG_DOCS], QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
+    na = encode(lm.tokenizer, [d.text for d in LONG_DOCS], "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
+    assert one.stats.pass_tokens == [enc.q_end + na.q_end - na.q_start]  # one forward per query
+    assert len(two.stats.pass_tokens) >= 2 and enc.q_start > 16
+    # and both equal the eager reference: separate full forwards with output_attentions
+    model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
+    rows = []
+    for e in (enc, na):
+        with torch.no_grad():
+            att = model(e.input_ids, output_attentions=True).attentions
+        hs = heads or [(l, h) for l in range(4) for h in range(4)]
+        rows.append(sum(att[l][0, h, e.q_start:e.q_end].mean(0) for l, h in hs))
+    ref = document_scores(rows[0][: enc.q_start] - rows[1][: enc.q_start], enc.doc_spans)
+    assert got_one == pytest.approx(ref, abs=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -96,6 +97,71 @@ class Readout:
 _ACTIVE: contextvars.ContextVar[Readout | None] = contextvars.ContextVar("corexp_readout", default=None)
 
 
+@dataclass
+class TreePass:
+    """One forward over [prefix | real query | N/A query] (METHOD.md §3 in one pass).
+
+    Tokens [0, q_start) are the documents; [q_start, q_end) the real query; [q_end, n) the N/A query, whose position
+    ids continue from q_start. In every layer the real query attends causally to the documents and itself, the N/A
+    query to the documents and itself only: exactly what a separate N/A pass over the cached documents computes. The
+    attention function runs it as two SDPA calls (the causal main part keeps the fused causal kernel; the short N/A
+    part gets a small (n_na x (q_start + n_na)) mask), so no n x n mask is ever built; sliding windows apply by position.
+    """
+
+    q_start: int
+    q_end: int
+    real: Readout
+    na: Readout
+
+
+_TREE: contextvars.ContextVar[TreePass | None] = contextvars.ContextVar("corexp_tree", default=None)
+
+
+@contextlib.contextmanager
+def tree_pass(tree: TreePass) -> Iterator[TreePass]:
+    token = _TREE.set(tree)
+    try:
+        yield tree
+    finally:
+        _TREE.reset(token)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, causal_by: torch.Tensor | None = None):
+    """(1, 1, |q|, |k|) boolean mask, True = attend: key position <= query position, inside the sliding window."""
+    ok = k_pos[None, :] <= q_pos[:, None] if causal_by is None else causal_by
+    if window:
+        ok = ok & (q_pos[:, None] - k_pos[None, :] < window)
+    return ok[None, None]
+
+
+def tree_attention(module, query, key, value, tree: TreePass, scaling: float | None, **kwargs):
+    qs, qe = tree.q_start, tree.q_end
+    n_na = query.shape[2] - qe
+    layer = getattr(module, "layer_idx", None)
+    window = kwargs.get("sliding_window")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    k_na = torch.cat([key[:, :, :qs], key[:, :, qe:]], dim=2)
+    v_na = torch.cat([value[:, :, :qs], value[:, :, qe:]], dim=2)
+    if layer is not None and tree.real.wants(layer):
+        tree.real.capture(layer, query[:, :, :qe], key[:, :, :qe], scale, window, kwargs.get("softcap"))
+        tree.na.capture(layer, query[:, :, qe:], k_na, scale, window, kwargs.get("softcap"))
+    dev = query.device
+    main_mask = None
+    if window and qe > window:
+        pos = torch.arange(qe, device=dev)
+        main_mask = _window_mask(pos, pos, window)
+    na_q = torch.arange(qs, qs + n_na, device=dev)
+    na_k = torch.cat([torch.arange(qs, device=dev), na_q])
+    causal = torch.ones((n_na, qs + n_na), dtype=torch.bool, device=dev)
+    causal[:, qs:] = torch.tril(torch.ones((n_na, n_na), dtype=torch.bool, device=dev))
+    na_mask = _window_mask(na_q, na_k, window, causal_by=causal)
+    kw = {k: v for k, v in kwargs.items() if k not in ("is_causal",)}
+    main, _ = sdpa_attention_forward(module, query[:, :, :qe], key[:, :, :qe], value[:, :, :qe], main_mask,
+                                     scaling=scaling, is_causal=main_mask is None, **kw)
+    na, _ = sdpa_attention_forward(module, query[:, :, qe:], k_na, v_na, na_mask, scaling=scaling, is_causal=False, **kw)
+    return torch.cat([main, na], dim=1), None
+
+
 @contextlib.contextmanager
 def recording(readout: Readout | None) -> Iterator[Readout | None]:
     token = _ACTIVE.set(readout)
@@ -107,6 +173,9 @@ def recording(readout: Readout | None) -> Iterator[Readout | None]:
 
 def readout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """SDPA attention for the model's output, plus the query-span read-out when a Readout is active."""
+    tree = _TREE.get()
+    if tree is not None:
+        return tree_attention(module, query, key, value, tree, scaling, **kwargs)
     rec = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if rec is not None and layer is not None and rec.wants(layer):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from corexp.attention import Readout, recording
+from corexp.attention import Readout, TreePass, recording, tree_pass
 from corexp.data import Document
 from corexp.errors import CorexpError
 from corexp.models import LoadedModel
@@ -47,8 +47,9 @@ class AttentionReranker:
     """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
 
     def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
-                 instruction: str | None = None):
+                 instruction: str | None = None, one_pass: bool = True):
         self.lm = lm
+        self.one_pass = one_pass  # real and N/A query in one forward (tree attention); False: N/A on the cached prefix
         self.cfg = prompt_cfg
         self.heads = heads
         self.template = resolve_template(template, lm.tokenizer, prompt_cfg)
@@ -113,6 +114,30 @@ class AttentionReranker:
             self.stats.pass_seconds.append(time.perf_counter() - t0)
         return out.cache
 
+    @torch.inference_mode()
+    def _tree_forward(self, enc: EncodedPrompt, na: EncodedPrompt, tree: TreePass) -> None:
+        """One forward over [documents | real query | N/A query] with the N/A position ids continuing after the
+        documents; the attention function keeps the two queries apart (attention.TreePass)."""
+        n_na = na.q_end - na.q_start
+        ids = torch.cat([enc.input_ids[:, :enc.q_end], na.input_ids[:, na.q_start:na.q_end]], dim=1).to(self.lm.device)
+        pos = torch.cat([torch.arange(enc.q_end), torch.arange(enc.q_start, enc.q_start + n_na)])[None].to(self.lm.device)
+        # A placeholder 4-D mask: models return a prepared mask as-is instead of building an n x n one; the attention
+        # function applies the tree's own masks.
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.lm.device)
+        cuda = self.lm.device.type == "cuda"
+        t0 = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            t0.record()
+        with tree_pass(tree):
+            self.lm.model(ids, position_ids=pos, attention_mask=placeholder, use_cache=False)
+        self.stats.pass_tokens.append(int(ids.shape[1]))
+        if cuda:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            self._events.append((t0, t1))
+        else:
+            self.stats.pass_seconds.append(time.perf_counter() - t0)
+
     def _token_scores(self, rec: Readout, length: int) -> torch.Tensor:
         total = None
         for layer in sorted(rec.layers):
@@ -123,9 +148,11 @@ class AttentionReranker:
     def calibrated_scores(self, enc: EncodedPrompt, texts_in_order: list[str]) -> torch.Tensor:
         """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are).
 
-        Causal attention: the query rows never see the tokens after the query, so every pass stops at the query's
-        end. Full-attention models: one pass over prefix + query, the cache cut back to the prefix, then the N/A
-        query on top of it. Sliding-window caches cannot be cut back, so there the prefix runs alone and is copied.
+        Causal attention: the query rows never see the tokens after the query, so nothing runs past the query's end.
+        one_pass (default): [documents | query | N/A query] in one forward, the N/A rows kept apart from the real
+        query by the attention function (TreePass). Otherwise, full-attention models run documents + query, cut the
+        cache back to the documents and run the N/A query on top; sliding-window caches cannot be cut back, so there
+        the documents run alone and their cache is copied. All paths give the same scores (tests/test_reranker.py).
         """
         heads = heads_by_layer(self.heads)
         q_start = enc.q_start
@@ -135,6 +162,15 @@ class AttentionReranker:
             na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
             return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
 
+        if self.one_pass:
+            na, shared = na_encoding()
+            if shared:  # real and N/A query rows in one forward (tree attention): no second pass at all
+                real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
+                na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=q_start)
+                self._tree_forward(enc, na, TreePass(q_start, enc.q_end, real_rec, na_rec))
+                scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)
+                self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+                return scores
         if self.croppable:
             real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
             cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)

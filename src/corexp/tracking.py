@@ -71,12 +71,12 @@ def setup(cfg: DictConfig) -> Any:
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # The columns a re-ranking study compares, as a shared view of the runs table (open it with ?viewStateShareKey=corexp).
 VIEW_KEY = "corexp"
-VIEW_COLUMNS = ["metrics.`rerank.nDCG_at_10`", "metrics.`first_stage.nDCG_at_10`", "metrics.`latency_mean_s`",
+VIEW_COLUMNS = ["attributes.`Dataset`", "metrics.`rerank.nDCG_at_10`", "metrics.`first_stage.nDCG_at_10`", "metrics.`latency_mean_s`",
                 "metrics.`kept_layers`", "params.`heads.metric`", "params.`heads.k`", "params.`data.name`"]
 
 
 def experiment_tags() -> dict[str, str]:
-    view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": VIEW_COLUMNS[0], "orderByAsc": False}
+    view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": VIEW_COLUMNS[1], "orderByAsc": False}
     return {EXPERIMENT_KIND_TAG: "custom_model_development", f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
 
 
@@ -102,6 +102,7 @@ def package_versions() -> dict[str, str]:
 
 def log_config(mlflow: Any, cfg: DictConfig) -> None:
     container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("paths", None)  # where a job reads and writes, not what it computes (config.yaml keeps them)
     params = {k: v[:6000] for k, v in flatten(container).items()}
     keys = list(params)
     for i in range(0, len(keys), 100):
@@ -156,18 +157,20 @@ _NAME_NOISE_SUFFIX = ("local_dir", ".path", "run_file", "cache_dir")
 def run_name(mlflow: Any, cfg: DictConfig, overrides: list[str]) -> str:
     """A readable name, unique in the experiment: `smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample`.
 
-    It names what the job computes (labels.run_name) plus any overridden setting the name would not otherwise show;
-    an existing run of the same name (a forced rerun) gets ` #2`, ` #3`, ... Never drawn from the seeded RNG.
+    It names what the job computes (labels.run_name) plus any setting its sweep varies that the name would not
+    otherwise show; an existing run of the same name (a forced rerun) gets ` #2`, ` #3`, ... Never drawn from the
+    seeded RNG (seeding Python's random made MLflow's own random names collide).
     """
     from corexp.labels import run_name as describe
 
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
+    swept = set(sweep_keys())
     varying = {}
     for item in overrides:
         key, _, value = item.partition("=")
         bare = key.lstrip("+~")
-        if not bare.startswith(_NAME_NOISE) and not bare.endswith(_NAME_NOISE_SUFFIX):
+        if bare in swept and not bare.startswith(_NAME_NOISE) and not bare.endswith(_NAME_NOISE_SUFFIX):
             varying[bare] = value
     name = describe(flatten(OmegaConf.to_container(cfg, resolve=True)), varying)
     taken = {r.info.run_name for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
@@ -200,20 +203,31 @@ def fail_stale_runs(mlflow: Any, runs: list[Any]) -> int:
 
 
 PARENT_FILE = "mlflow_parent_run_id"
+SWEPT_FILE = "swept_keys.json"
 
 
-def sweep_parent_id(cfg: DictConfig) -> str | None:
-    """The sweep's parent run id, written by the multirun callback into the sweep folder (works across processes)."""
+def _sweep_file(name: str) -> Path | None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
         if hc.mode.name != "MULTIRUN":
             return None
-        path = Path(hc.sweep.dir) / PARENT_FILE
+        return Path(hc.sweep.dir) / name
     except ValueError:
         return None
-    return path.read_text().strip() if path.is_file() else None
+
+
+def sweep_keys() -> list[str]:
+    """Settings the current sweep varies (written by the multirun callback); [] outside a sweep."""
+    path = _sweep_file(SWEPT_FILE)
+    return json.loads(path.read_text()) if path is not None and path.is_file() else []
+
+
+def sweep_parent_id(cfg: DictConfig) -> str | None:
+    """The sweep's parent run id, written by the multirun callback into the sweep folder (works across processes)."""
+    path = _sweep_file(PARENT_FILE)
+    return path.read_text().strip() if path is not None and path.is_file() else None
 
 
 def job_overrides() -> list[str]:

@@ -1,0 +1,90 @@
+"""corexp as a PyTerrier transformer: `first_stage >> CorexpReranker.from_config(...)`, compared with pt.Experiment.
+
+    pip install "corexp[pyterrier]"
+
+    import pyterrier as pt
+    from corexp.pyterrier import CorexpReranker
+    rr = CorexpReranker.from_config(model="smollm2", heads="core", k=8)       # CoRe heads detected once (cached)
+    pt.Experiment([bm25, bm25 % 20 >> rr], topics, qrels, eval_metrics=[nDCG @ 10])   # from ir_measures import nDCG
+
+The transformer re-ranks each query's candidates in a results frame (columns qid, query, docno, text and optional
+title, in first-stage order by `rank` or `score`) with a configured corexp re-ranker (any head set: all heads, a list,
+or CoRe/QRHead heads detected from the configured detection data) and returns the frame with new `score` and `rank`.
+No Java is needed: Terrier's JVM starts only for Terrier's own indexes and retrievers, not for re-ranking a frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyterrier as pt
+
+from corexp.data import Document
+from corexp.reranker import AttentionReranker, Head
+from corexp.scoring import rank
+
+
+class CorexpReranker(pt.Transformer):
+    """Re-rank a PyTerrier results frame with an AttentionReranker (ICR, QRHead, CoRe or any head list)."""
+
+    def __init__(self, reranker: AttentionReranker, name: str = "corexp"):
+        self.reranker = reranker
+        self.name = name
+
+    @classmethod
+    def from_config(cls, model: str = "smollm2", heads: str | list[Head] = "core", k: int = 8,
+                    overrides: list[str] | None = None) -> "CorexpReranker":
+        """Compose corexp's configs (as the CLI does) and build the re-ranker.
+
+        heads: "all" (ICR), "core", "qrhead", "random", "published" (detected or drawn as a corexp job would, using
+        the configured detection data; cached), or an explicit list of (layer, head). Layers above the deepest
+        selected head are not loaded (truncation=auto).
+        """
+        from hydra import compose, initialize_config_dir
+
+        from corexp.config import config_dir
+        from corexp.models import load_model, model_dims
+        from corexp.run import prompt_for, select_heads
+        from corexp.validation import check_model_dims, validate
+
+        metric = heads if isinstance(heads, str) else "all"
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"model={model}", f"heads={metric}", f"heads.k={k}", *(overrides or [])])
+        validate(cfg)
+        dims = model_dims(cfg.model, cfg.paths.cache_dir)
+        check_model_dims(cfg, *dims)
+        chosen = [tuple(h) for h in heads] if not isinstance(heads, str) else select_heads(cfg, [], dims)[0]
+        keep = None if chosen is None else max(layer for layer, _ in chosen) + 1
+        lm = load_model(cfg.model, cfg.paths.cache_dir, keep_layers=keep)
+        label = metric if chosen is None or isinstance(heads, str) else f"{len(chosen)} heads"
+        return cls(AttentionReranker(lm, prompt_for(cfg), chosen, cfg.model.template), name=f"corexp-{model}-{label}")
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        pt.validate.result_frame(inp, extra_columns=["query", "text"])
+        out = []
+        for qid, group in inp.groupby("qid", sort=False):
+            order = "rank" if "rank" in group.columns else "score"
+            group = group.sort_values(order, ascending=order == "rank", kind="stable")
+            titles = group["title"].fillna("").astype(str) if "title" in group.columns else [""] * len(group)
+            docs = [Document(str(d), str(t), str(x)) for d, t, x in zip(group["docno"], titles, group["text"])]
+            scores = self.reranker.score(str(group["query"].iloc[0]), docs, str(qid))
+            position = {d: r for r, (d, _) in enumerate(rank([d.id for d in docs], scores))}  # ties: first-stage order
+            ranked = group.assign(score=scores, rank=[position[d.id] for d in docs])
+            out.append(ranked.sort_values("rank", kind="stable"))
+        return pd.concat(out, ignore_index=True) if out else inp.assign(score=[], rank=[])
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def results_frame(run: dict[str, list[tuple[str, float]]], queries: dict[str, str], docs: Any) -> pd.DataFrame:
+    """A PyTerrier results frame from a corexp run (qid -> ranked (docno, score)) with query and document texts."""
+    rows = []
+    for qid, ranked in run.items():
+        found = docs.get_many([d for d, _ in ranked])
+        for position, (docno, score) in enumerate(ranked):
+            d = found[docno]
+            rows.append({"qid": qid, "query": queries[qid], "docno": docno, "title": d.title, "text": d.text,
+                         "score": float(score), "rank": position})
+    return pd.DataFrame(rows)
