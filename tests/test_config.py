@@ -12,7 +12,8 @@ CONF = config_dir()
 
 def test_default_composes_to_the_offline_job():
     cfg = compose_cfg()
-    assert cfg.model.name == "smollm2" and cfg.heads.metric == "all" and cfg.first_stage.depth == 20
+    assert cfg.model.name == "smollm2" and cfg.first_stage.depth == 20
+    assert (cfg.heads.metric, cfg.heads.k, cfg.truncation.mode) == ("core", 8, "auto")  # the paper's method by default
     assert Path(cfg.data.local_dir).joinpath("qrels", "test.tsv").is_file()
     assert cfg.tracking.uri.startswith("sqlite:///") and Path(cfg.paths.root_dir).is_absolute()
     assert cfg.prompt.query_span_end == "query" and cfg.prompt.doc_order == "retriever"
@@ -81,7 +82,7 @@ def test_config_hash_ignores_only_fields_the_method_never_reads():
     assert _hash(["truncation=none", "truncation.fraction=0.3"]) == _hash(["truncation=none"])
     # ...and still separates every field that changes what a job computes.
     distinct = [["heads=core", "heads.k=4"], ["heads=core", "heads.k=8"], ["heads=core", "heads.tau=0.5"],
-                ["heads=qrhead", "heads.k=8"], ["heads=core", "heads.k=8", "truncation=auto"],
+                ["heads=qrhead", "heads.k=8"], ["heads=core", "heads.k=8", "truncation=none"],
                 ["heads=all", "truncation=fraction"], ["heads=all", "truncation=fraction", "truncation.fraction=0.3"],
                 ["heads=random", "heads.seed=1"], ["heads=random"], ["heads=all", "data.max_queries=5"],
                 ["heads=core", "detection.num_queries=50"]]

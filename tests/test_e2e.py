@@ -36,13 +36,14 @@ def tiny_model_args(tiny_dir):
 
 
 def test_default_job_shrunk_logs_to_mlflow(tmp_path, tiny_dir):
-    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=3", "first_stage.depth=4")
+    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=3", "first_stage.depth=4", "detection.num_queries=4")
     (run,) = finished_runs(tmp_path)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     assert math.isfinite(m["rerank.nDCG_at_10"]) and math.isfinite(m["first_stage.nDCG_at_10"])
     assert m["queries"] == 3 and m["latency_p95_s"] >= m["latency_p50_s"] > 0
-    assert run.data.params["heads.metric"] == "all" and run.data.tags["dataset"] == "scifact-sample"
+    assert run.data.params["heads.metric"] == "core" and run.data.tags["dataset"] == "scifact-sample"
+    assert run.info.run_name.startswith("tiny · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample")
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"} <= arts
     lines = open(tmp_path / "out" / "rerank.trec").read().split("\n")[:4]

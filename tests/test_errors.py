@@ -79,6 +79,7 @@ def test_bad_input_gives_clear_error(case, tmp_path, tiny_dir, store, monkeypatc
         f"model.path={tiny_dir}", "model.gguf=null", "model.template=plain", "model.name=tiny", "prompt.max_words=20",
         f"paths.output_dir={tmp_path}/out", f"paths.cache_dir={tmp_path}/cache", f"tracking.uri={store}",
         "data.max_queries=2", "first_stage.depth=3", "progress=false", *[o.format(**places) for o in overrides],
+        *([] if any(o.startswith("heads=") for o in overrides) else ["heads=all"]),  # no detection before the error
     ])
     with pytest.raises(CorexpError, match=pattern) as err:
         run_job(cfg)
