@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from corexp.cache import atomic_write_bytes, stable_key
+from corexp.cache import atomic_write_bytes, cached, stable_key
 from corexp.data import IRDataset, load_dataset
 from corexp.errors import CorexpError
 from corexp.first_stage import first_stage_run
@@ -84,18 +84,22 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
     instances = build_instances(ds, run, det_cfg)
     key = stable_key(CODE_VERSION, model_key, instances_digest(reranker, ds, instances))
     path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return z["masses"], z["pos_index"]
-    lm = reranker.lm
-    masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
-    for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
-        docs = ds.docs.get_many(inst["docs"])
-        labels, m = reranker.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
-        for row, (layer, head) in enumerate(labels):
-            masses[i, layer, head] = m[row].numpy()
-    pos_index = np.array([inst["pos_index"] for inst in instances], dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, masses=masses, pos_index=pos_index)
-    atomic_write_bytes(path, buf.getvalue())
+
+    def compute() -> None:
+        log.info("head detection: %d instances (%d documents each) -> %s", len(instances), int(det_cfg.num_negatives) + 1, path)
+        lm = reranker.lm
+        masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
+        for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
+            docs = ds.docs.get_many(inst["docs"])
+            labels, m = reranker.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
+            for row, (layer, head) in enumerate(labels):
+                masses[i, layer, head] = m[row].numpy()
+        pos_index = np.array([inst["pos_index"] for inst in instances], dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, masses=masses, pos_index=pos_index)
+        atomic_write_bytes(path, buf.getvalue())
+
+    cached(path, compute)  # concurrent jobs: one computes, the others wait for its file
+    with np.load(path, allow_pickle=False) as z:
+        masses, pos_index = z["masses"], z["pos_index"]
     return masses, pos_index

