@@ -17,7 +17,6 @@ import platform
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,53 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEM_LIMIT_MB = 20 * 1024  # eager output_attentions runs are capped at this address space so the machine survives
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakMemory:
-    """Peak memory of a code block above what was in use when it started.
-
-    CPU: a thread samples the resident set every millisecond (torch kernels release the GIL), so a working set
-    smaller than the loader's own transient peak still shows (max RSS of the process cannot). CUDA: the allocator's
-    peak statistics.
-    """
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated() / 2**20
-            return self
-        self._base = self._max = _rss_mb()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self._max = max(self._max, _rss_mb())
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self._max, _rss_mb()) - self._base
+from corexp.memory import PeakMemory  # noqa: E402  (peak above the start: RSS sampled every ms, or CUDA's allocator peak)
 
 
 def _load(model: str, keep: int | None, dtype: str, device: str, config_json: str | None, tokenizer: str | None = None):

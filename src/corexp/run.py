@@ -26,6 +26,7 @@ from corexp.detection import detection_masses
 from corexp.errors import CorexpError
 from corexp.evaluation import evaluate, parse_measures
 from corexp.first_stage import candidates, first_stage_run
+from corexp.memory import PeakMemory
 from corexp.models import load_model, model_dims
 from corexp.prompt import for_dataset
 from corexp.reranker import AttentionReranker
@@ -110,6 +111,7 @@ class JobResult:
     dropped: int = 0
     span_mismatches: int = 0
     rerank_eval: tuple[dict[str, float], dict[str, dict[str, float]]] = ({}, {})
+    peak_memory_mb: float = 0.0
 
 
 def rerank_pipeline(cfg: DictConfig, dims: tuple[int, int], on_data: Any = None) -> JobResult:
@@ -143,9 +145,18 @@ def rerank_pipeline(cfg: DictConfig, dims: tuple[int, int], on_data: Any = None)
             heads = H.random_heads(keep, n_heads, int(cfg.heads.k), int(cfg.heads.seed))
         log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
         reselected = True
-    lm = load_model(cfg.model, cache, keep_layers=keep)
+    from corexp.models import resolve_device
+
+    with PeakMemory(str(resolve_device(cfg.model.device))) as memory:  # truncated model + re-ranking working memory
+        res = _rerank_all(cfg, ds, qids, cands, fs_label, measures, heads, head_info, (n_full, n_heads), keep, reselected)
+    res.peak_memory_mb = memory.peak_mb
+    return res
+
+
+def _rerank_all(cfg, ds, qids, cands, fs_label, measures, heads, head_info, dims, keep, reselected) -> JobResult:
+    lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
     rr = AttentionReranker(lm, prompt_for(cfg), heads, cfg.model.template)
-    res = JobResult(ds, qids, fs_label, cands, evaluate(ds.qrels, cands, measures), heads, head_info, n_full, n_heads,
+    res = JobResult(ds, qids, fs_label, cands, evaluate(ds.qrels, cands, measures), heads, head_info, *dims,
                     keep, reselected, lm.source, lm.sha256)
     for qid in tqdm(qids, desc=f"re-rank {cfg.data.name} ({cfg.model.name})", disable=not cfg.progress):
         cand = cands[qid]

@@ -290,6 +290,7 @@ def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, 
                         "forward_passes_mean": float(np.mean(res.forward_passes)),
                         "queries": float(len(res.qids)), "dropped_candidates": float(res.dropped),
                         "span_mismatches": float(res.span_mismatches), "kept_layers": float(res.kept_layers),
+                        "peak_memory_mb": float(res.peak_memory_mb),  # this job's model + re-ranking, above its start
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if torch.cuda.is_available():
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
