@@ -26,9 +26,21 @@ def method_name(p: dict[str, Any]) -> str:
     return name
 
 
+def first_stage_label(p: dict[str, Any]) -> str:
+    """BM25 (the dataset's run or bm25s) | dense:<encoder> | hybrid:<encoder>: the candidates a run re-ranked."""
+    source = p.get("first_stage.source", "auto")
+    if source in ("dense", "hybrid"):
+        return f"{source}:{p.get('first_stage.encoder.name')}"
+    return "BM25"
+
+
 def method_extras(p: dict[str, Any]) -> list[str]:
-    """What else changes the computation: truncation, document order, fusion, first stage, prompt preset."""
+    """What else changes the computation: first stage, prompt preset, truncation, document order, fusion."""
     extras = []
+    if first_stage_label(p) != "BM25":
+        extras.append(first_stage_label(p))
+    if p.get("prompt.name", "core") not in ("core", "shuffled", None):
+        extras.append(f"prompt={p['prompt.name']}" + (f"/{p['model.template']}" if str(p.get("prompt.name")).endswith("official") else ""))
     mode = p.get("truncation.mode", "none")
     if mode != "none":
         extras.append(f"trunc={mode}" + (f":{p.get('truncation.fraction')}" if mode == "fraction" else
@@ -52,7 +64,7 @@ def run_name(p: dict[str, Any], varying: dict[str, str] | None = None) -> str:
     parts = [str(p.get("model.name")), method_name(p), *method_extras(p), str(p.get("data.name"))]
     shown = {"model", "heads", "heads.metric", "heads.k", "heads.tau", "truncation", "truncation.mode",
              "truncation.fraction", "truncation.layers", "prompt.doc_order", "fusion", "fusion.mode", "data", "data.name",
-             "model.name"}
+             "model.name", "first_stage", "first_stage.source", "prompt", "prompt.name"}
     for key, value in sorted((varying or {}).items()):
         if key.lstrip("+~") not in shown:
             parts.append(f"{key.lstrip('+~')}={value}")

@@ -1,6 +1,11 @@
-"""Paper-style tables from the MLflow store: methods x datasets per model, paired tests vs a baseline, references.
+"""Paper-style tables from the MLflow store: methods x datasets per model, paired tests, BEIR averages, references.
 
-    python -m corexp.report --experiment foundation [--baseline BM25] [--measure nDCG@10] [--out reports/foundation]
+    python -m corexp.report --experiment results [--measure nDCG@10] [--baseline first-stage] [--out docs/...]
+    python -m corexp.report --experiment pruning --vs truncation.fraction      # the pruning study: figure + table
+
+BEIR is averaged as the papers do: CQADupStack's 12 forums (data=cqadupstack-<forum>) are first averaged into one
+number, then the 15 BEIR sets are averaged ("BEIR-15", shown when all 15 are present). Cells of the model x method x
+data set grid that have no finished run are listed as missing, never estimated.
 """
 
 from __future__ import annotations
@@ -16,20 +21,26 @@ import pandas as pd
 from corexp.config import project_root
 from corexp.errors import CorexpError
 from corexp.evaluation import parse_measures, safe_name
-from corexp.labels import method_label
+from corexp.labels import first_stage_label, method_label
 
-DATASET_ORDER = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
-                 "climate-fever", "scifact", "scifact-sample", "nq", "hotpotqa", "fever", "quora", "msmarco-dev", "dl19", "dl20"]
+BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
+           "climate-fever", "scifact", "nq", "hotpotqa", "fever", "quora", "cqadupstack", "msmarco-dev"]
+CQA_FORUMS = ["android", "english", "gaming", "gis", "mathematica", "physics", "programmers", "stats", "tex", "unix",
+              "webmasters", "wordpress"]
+DATASET_ORDER = BEIR_15 + ["scifact-sample", "scifact50", "dl19", "dl20"]
 # METHOD.md §7: Anserini BM25 and QRHead Table 2 (Llama-3.1-8B, BM25 top-200), nDCG@10.
 REFERENCE = {
-    ("reference", "BM25 (Anserini)"): {"scifact": 0.6789, "nfcorpus": 0.3218, "dl19": 0.5058, "dl20": 0.4796},
-    ("reference", "ICR, Llama-3.1-8B (QRHead paper)"): {"nq": .540, "trec-covid": .733, "nfcorpus": .348, "fiqa": .356,
-                                                        "scifact": .755, "scidocs": .190, "fever": .858, "climate-fever": .248,
-                                                        "dbpedia-entity": .369},
-    ("reference", "QRHead, Llama-3.1-8B (QRHead paper)"): {"nq": .586, "trec-covid": .775, "nfcorpus": .353, "fiqa": .391,
-                                                           "scifact": .762, "scidocs": .194, "fever": .853, "climate-fever": .239,
-                                                           "dbpedia-entity": .372},
+    "BM25 (Anserini)": {"scifact": 0.6789, "nfcorpus": 0.3218, "dl19": 0.5058, "dl20": 0.4796},
+    "ICR, Llama-3.1-8B (QRHead paper)": {"nq": .540, "trec-covid": .733, "nfcorpus": .348, "fiqa": .356, "scifact": .755,
+                                         "scidocs": .190, "fever": .858, "climate-fever": .248, "dbpedia-entity": .369},
+    "QRHead, Llama-3.1-8B (QRHead paper)": {"nq": .586, "trec-covid": .775, "nfcorpus": .353, "fiqa": .391, "scifact": .762,
+                                            "scidocs": .194, "fever": .853, "climate-fever": .239, "dbpedia-entity": .372},
 }
+
+
+def dataset_group(name: str) -> str:
+    """cqadupstack-<forum> -> cqadupstack (the BEIR average counts the 12 forums as one data set)."""
+    return "cqadupstack" if str(name).startswith("cqadupstack") else str(name)
 
 
 def load_runs(uri: str, experiments: list[str]) -> pd.DataFrame:
@@ -43,8 +54,8 @@ def load_runs(uri: str, experiments: list[str]) -> pd.DataFrame:
             continue
         p = r.data.params
         rows.append({"run_id": r.info.run_id, "start": r.info.start_time, "model": p.get("model.name"),
-                     "dataset": p.get("data.name"), "method": method_label(p), "params": p, "metrics": r.data.metrics,
-                     "queries": p.get("data.max_queries")})
+                     "dataset": p.get("data.name"), "method": method_label(p), "first_stage": first_stage_label(p),
+                     "params": p, "metrics": r.data.metrics, "queries": r.data.metrics.get("queries")})
     if not rows:
         raise CorexpError(f"no FINISHED runs in experiment(s) {experiments} of {uri}")
     df = pd.DataFrame(rows).sort_values("start")
@@ -70,55 +81,99 @@ def holm(pvalues: dict) -> dict:
     return out
 
 
-def build_tables(df: pd.DataFrame, measure: str, baseline: str, alpha: float = 0.05) -> dict[str, pd.DataFrame]:
+def collapse_forums(values: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """Replace the 12 cqadupstack-<forum> cells of a row by their mean (only when all 12 are there)."""
+    out = {k: v for k, v in values.items() if not k[1].startswith("cqadupstack-")}
+    for method in {m for m, d in values if d.startswith("cqadupstack-")}:
+        forums = [values.get((method, f"cqadupstack-{f}"), np.nan) for f in CQA_FORUMS]
+        out[(method, "cqadupstack")] = float(np.mean(forums)) if not np.isnan(forums).any() else np.nan
+    return out
+
+
+def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", alpha: float = 0.05) -> dict[str, pd.DataFrame]:
+    """Per model: rows = first stages then methods, columns = data sets (+ BEIR-15 and avg), values x 100.
+
+    baseline: "first-stage" tests each method against the first stage whose candidates it re-ranked; any other value
+    names a row label to test every method against.
+    """
     from scipy.stats import ttest_rel
 
-    col_rr, col_fs = f"rerank.{measure}", f"first_stage.{measure}"
     metric_key = safe_name(parse_measures([measure])[0])  # the name run.py logged
+    col_rr, col_fs = f"rerank.{parse_measures([measure])[0]}", f"first_stage.{parse_measures([measure])[0]}"
     tables, cache = {}, {}
     for model, g in df.groupby("model"):
         values: dict[tuple[str, str], float] = {}
         queries: dict[tuple[str, str], pd.Series] = {}
+        base_of: dict[str, str] = {}
         for _, row in g.iterrows():
-            m = row["metrics"]
-            values[(row["method"], row["dataset"])] = m.get(f"rerank.{metric_key}", np.nan)
-            values.setdefault(("BM25", row["dataset"]), m.get(f"first_stage.{metric_key}", np.nan))
+            m, ds, fs = row["metrics"], row["dataset"], row["first_stage"]
+            values[(row["method"], ds)] = m.get(f"rerank.{metric_key}", np.nan)
+            values.setdefault((fs, ds), m.get(f"first_stage.{metric_key}", np.nan))
+            base_of[row["method"]] = fs
             try:
                 pq = per_query(row["run_id"], cache)
-                queries[(row["method"], row["dataset"])] = pq[col_rr]
-                queries.setdefault(("BM25", row["dataset"]), pq[col_fs])
+                queries[(row["method"], ds)] = pq[col_rr]
+                queries.setdefault((fs, ds), pq[col_fs])
             except Exception:  # noqa: BLE001 - a run without the artifact just gets no test
                 pass
         pvals = {}
         for (method, ds), series in queries.items():
-            base = queries.get((baseline, ds))
-            if method == baseline or base is None:
+            ref = base_of.get(method) if baseline == "first-stage" else baseline
+            base = queries.get((ref, ds))
+            if method == ref or base is None or method in base_of.values():
                 continue
             a, b = series.align(base, join="inner")
             if len(a) > 1 and not np.allclose(a.values, b.values):
-                pvals[(method, ds)] = float(ttest_rel(a.values, b.values).pvalue)
-        adjusted = holm(pvals)
+                pvals[(method, ds)] = (float(ttest_rel(a.values, b.values).pvalue), ref)
+        adjusted = holm({k: v[0] for k, v in pvals.items()})
+        values = collapse_forums(values)
         datasets = sorted({d for _, d in values}, key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else 99, d))
-        methods = ["BM25"] + sorted({m for m, _ in values} - {"BM25"})
-        table = pd.DataFrame(index=methods, columns=datasets + ["avg"], dtype=object)
+        first_stages = sorted(set(base_of.values()), key=lambda s: (s != "BM25", s))
+        methods = first_stages + sorted({m for m, _ in values} - set(first_stages))
+        beir = [d for d in datasets if d in BEIR_15]
+        extra = (["BEIR-15"] if beir else []) + (["avg"] if len(datasets) > 1 else [])
+        table = pd.DataFrame(index=methods, columns=datasets + extra, dtype=object)
         for method in methods:
-            nums = []
+            nums = {}
             for ds in datasets:
                 v = values.get((method, ds), np.nan)
                 if np.isnan(v):
                     table.loc[method, ds] = ""
                     continue
-                nums.append(v)
+                nums[ds] = v
                 p = adjusted.get((method, ds))
-                mark = "" if p is None else ("†" if p < alpha and v > values.get((baseline, ds), np.nan) else "‡" if p < alpha else "")
+                ref = pvals.get((method, ds), (None, None))[1]
+                better = v > values.get((ref, ds), np.nan)
+                mark = "" if p is None or p >= alpha else ("†" if better else "‡")
                 table.loc[method, ds] = f"{100 * v:.1f}{mark}"
-            table.loc[method, "avg"] = f"{100 * np.mean(nums):.1f}" if len(nums) == len(datasets) else ""
-        for (_, ref_name), ref in REFERENCE.items():
+            if "BEIR-15" in extra:
+                table.loc[method, "BEIR-15"] = f"{100 * np.mean([nums[d] for d in BEIR_15]):.1f}" if all(d in nums for d in BEIR_15) else ""
+            if "avg" in extra:
+                table.loc[method, "avg"] = f"{100 * np.mean(list(nums.values())):.1f}" if len(nums) == len(datasets) else ""
+        for ref_name, ref in REFERENCE.items():
             if any(d in ref for d in datasets):
-                table.loc[ref_name] = [f"{100 * ref[d]:.1f}" if d in ref else "" for d in datasets] + [""]
+                table.loc[ref_name] = [f"{100 * ref[d]:.1f}" if d in ref else "" for d in datasets] + [""] * len(extra)
         table.index.name = "method"
         tables[model] = table
     return tables
+
+
+def missing_cells(df: pd.DataFrame) -> list[str]:
+    """model x method x data set combinations of this experiment's grid that have no finished run."""
+    methods, datasets = sorted(set(df["method"])), sorted(set(df["dataset"]))
+    have = set(zip(df["model"], df["method"], df["dataset"]))
+    out = []
+    for model in sorted(set(df["model"])):
+        for method in methods:
+            for ds in datasets:
+                if (model, method, ds) not in have and _plausible(df, method, ds):
+                    out.append(f"{model} × {method} × {ds}")
+    return out
+
+
+def _plausible(df: pd.DataFrame, method: str, ds: str) -> bool:
+    """A cell belongs to the grid when some model ran this method on this data set."""
+    return bool(((df["method"] == method) & (df["dataset"] == ds)).any())
 
 
 def head_figure(df: pd.DataFrame, model: str, path: Path) -> Path | None:
@@ -151,21 +206,93 @@ def head_figure(df: pd.DataFrame, model: str, path: Path) -> Path | None:
     return path
 
 
-def write_report(uri: str, experiments: list[str], out: Path, measure: str, baseline: str) -> list[Path]:
+SWEEP_NEUTRAL = {"truncation.fraction": {"truncation.mode": "none"}, "heads.k": {"heads.k": "k"},
+                 "truncation.layers": {"truncation.mode": "none"}}
+
+
+def sweep_table(df: pd.DataFrame, key: str, measure: str) -> pd.DataFrame:
+    """One row per (model, method, data set, value of `key`): kept layers, the measure, latency and peak memory, the
+    last three also relative to the row group's no-truncation / smallest-value point."""
+    metric = f"rerank.{safe_name(parse_measures([measure])[0])}"
+    rows = []
+    for _, r in df.iterrows():
+        if key not in r["params"]:
+            continue
+        p = {**r["params"], **SWEEP_NEUTRAL.get(key, {})}
+        m = r["metrics"]
+        rows.append({"model": r["model"], "method": method_label(p), "dataset": r["dataset"], key: float(r["params"][key]),
+                     "kept_layers": m.get("kept_layers"), measure: m.get(metric), "latency_s": m.get("latency_mean_s"),
+                     "peak_memory_mb": m.get("peak_memory_mb")})
+    if not rows:
+        raise CorexpError(f"no finished run of this experiment logs '{key}'")
+    t = pd.DataFrame(rows).sort_values(["model", "method", "dataset", key])
+    for col in (measure, "latency_s", "peak_memory_mb"):
+        first = t.groupby(["model", "method", "dataset"])[col].transform("first")
+        t[f"{col} rel."] = t[col] / first
+    return t
+
+
+def sweep_figures(t: pd.DataFrame, key: str, measure: str, out: Path) -> list[Path]:
+    """Per model: the measure, latency and peak memory against `key`, a line per method and data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for model, g in t.groupby("model"):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        for (method, ds), h in g.groupby(["method", "dataset"]):
+            for ax, col in zip(axes, (measure, "latency_s", "peak_memory_mb")):
+                ax.plot(h[key], h[col], marker="o", label=f"{method} · {ds}")
+        for ax, title in zip(axes, (measure, "latency per query (s)", "peak memory (MB)")):
+            ax.set_xlabel(key)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{model}: {measure}, latency and memory against {key}", fontsize=10)
+        fig.tight_layout()
+        path = out / f"{model}_{key.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(uri: str, experiments: list[str], out: Path, measure: str, baseline: str = "first-stage",
+                 vs: str | None = None) -> list[Path]:
     df = load_runs(uri, experiments)
-    tables = build_tables(df, measure, baseline)
     out.mkdir(parents=True, exist_ok=True)
-    written, md = [], [f"# {measure} by model ({', '.join(experiments)})\n",
-                       f"† significantly better than {baseline}, ‡ significantly worse (paired t-test over queries, "
-                       "Holm-corrected per model, p < 0.05). Reference rows: published numbers (docs/METHOD.md §7).\n"]
+    written: list[Path] = []
+    if vs:
+        t = sweep_table(df, vs, measure)
+        written += sweep_figures(t, vs, measure, out)
+        md = [f"# {measure}, latency and peak memory against {vs} ({', '.join(experiments)})\n",
+              "Relative columns: each value divided by the first point of its line (the smallest "
+              f"{vs}, i.e. no truncation for truncation.fraction).\n", t.to_markdown(index=False, floatfmt=".4g"), ""]
+        md += [f"![{p.stem}]({p.name})" for p in written]
+        t.to_csv(out / "sweep.csv", index=False)
+        (out / "report.md").write_text("\n".join(md) + "\n")
+        return written + [out / "sweep.csv", out / "report.md"]
+    tables = build_tables(df, measure, baseline)
+    base_text = "the first stage whose candidates it re-ranked" if baseline == "first-stage" else baseline
+    md = [f"# {measure} by model ({', '.join(experiments)})\n",
+          f"† significantly better than {base_text}, ‡ significantly worse (paired t-test over queries, Holm-corrected "
+          "per model, p < 0.05). Values × 100. BEIR-15: mean of the 15 BEIR sets (CQADupStack = mean of its 12 forums), "
+          "shown when all are present. Reference rows: published numbers (docs/METHOD.md §7).\n"]
+    queries = df.groupby(["model", "dataset"])["queries"].max()
     for model, table in sorted(tables.items()):
-        md += [f"\n## {model}\n", table.to_markdown(), ""]
+        counts = ", ".join(f"{ds}: {int(q)}" for (m, ds), q in queries.items() if m == model and q == q)
+        md += [f"\n## {model}\n", f"Queries per data set: {counts}.\n", table.to_markdown(), ""]
         table.to_csv(out / f"{model}.csv")
         (out / f"{model}.tex").write_text(table.to_latex(escape=True))
         written += [out / f"{model}.csv", out / f"{model}.tex"]
         fig = head_figure(df, model, out / f"{model}_head_layers.png")
         if fig:
             written.append(fig)
+            md.append(f"![{model} head layers]({fig.name})\n")
+    missing = missing_cells(df)
+    md += ["\n## Missing cells\n", "\n".join(f"- {m}" for m in missing) if missing else "None: every cell of the grid has a run.", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
     written.append(out / "report.md")
     return written
@@ -176,14 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiment", action="append", default=None, help="MLflow experiment (repeatable; default corexp)")
     ap.add_argument("--measure", default="nDCG@10")
-    ap.add_argument("--baseline", default="BM25", help="method label the paired tests compare against")
+    ap.add_argument("--baseline", default="first-stage",
+                    help="row label the paired tests compare against (default: each method's own first stage)")
+    ap.add_argument("--vs", default=None, help="a swept numeric setting (truncation.fraction, heads.k): figure + table")
     ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>)")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's artifact is noise here
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
     try:
-        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline):
+        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs):
             print(p)
     except CorexpError as err:
         print(f"corexp.report: error: {err}", file=sys.stderr)
