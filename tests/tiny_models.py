@@ -56,3 +56,25 @@ def save_tiny_checkpoint(folder, name: str = "llama", seed: int = 0):
     model.save_pretrained(folder, safe_serialization=True)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def save_tiny_encoder(folder, seed: int = 0):
+    """A tiny random-weight sentence-transformers bi-encoder (BERT, mean pooling, normalisation) saved like a real one."""
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    bert = folder / "bert"
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(bert)
+    tok.save_pretrained(bert)
+    word = models.Transformer(str(bert), max_seq_length=128)
+    st = SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension(), "mean"), models.Normalize()],
+                             device="cpu")
+    st.save(str(folder / "encoder"))
+    return folder / "encoder"

@@ -39,8 +39,12 @@ class IRDataset:
     qrels: dict[str, dict[str, int]]
     docs: DocStore
     run: dict[str, list[tuple[str, float]]] | None = None
-    fingerprint: str = ""
+    fingerprint: str = ""  # queries, judgments and documents (first-stage runs are keyed on it)
     meta: dict[str, Any] = field(default_factory=dict)
+    corpus_fingerprint: str = ""  # the documents alone: splits of one corpus share its embeddings
+
+    def __post_init__(self) -> None:
+        self.corpus_fingerprint = self.corpus_fingerprint or self.fingerprint
 
 
 def _open_text(path: Path):
@@ -218,7 +222,8 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
         run = read_trec_run(run_path)
     # Content, not location: a moved checkout, a CI clone or a cluster node with another path hits the same caches.
     fingerprint = f"local-sha256:{file_digest(corpus_path, queries_path, qrels_path)}:{split}"
-    return IRDataset(name, queries, qrels, DictDocStore(docs), run, fingerprint, {"source": str(folder), "split": split})
+    return IRDataset(name, queries, qrels, DictDocStore(docs), run, fingerprint, {"source": str(folder), "split": split},
+                     corpus_fingerprint=f"local-sha256:{file_digest(corpus_path)}")
 
 
 def load_irds(irds_id: str, name: str, run_file: str | None = None) -> IRDataset:
@@ -251,7 +256,8 @@ def load_irds(irds_id: str, name: str, run_file: str | None = None) -> IRDataset
         for i, sd in enumerate(ds.scoreddocs_iter()):
             scored.setdefault(sd.query_id, []).append((sd.doc_id, float(sd.score) - i * 1e-9))
         run = {q: sorted(v, key=lambda x: -x[1]) for q, v in scored.items()}
-    return IRDataset(name, queries, qrels, IrdsDocStore(ds), run, f"irds:{irds_id}", {"source": irds_id})
+    return IRDataset(name, queries, qrels, IrdsDocStore(ds), run, f"irds:{irds_id}", {"source": irds_id},
+                     corpus_fingerprint=f"irds-docs:{ir_datasets.docs_parent_id(irds_id)}")
 
 
 def load_dataset(cfg: Any) -> IRDataset:

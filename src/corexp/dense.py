@@ -122,10 +122,10 @@ def doc_text(title: str, text: str, field: str) -> str:
 def corpus_embeddings(enc: Encoder, ds: IRDataset, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
     """(float16 memory map of shape (docs, dim), document ids), computed once per model and corpus content."""
     cfg = enc.cfg
-    key = stable_key(EMBED_VERSION, enc.identity, ds.fingerprint, cfg.doc_field, cfg.doc_prefix, cfg.get("max_seq_length"),
-                     enc.cosine)
-    folder = Path(cache_dir) / "embeddings" / f"{ds.name}-{cfg.name}-{key}"
-    meta_expected = {"encoder": enc.identity, "corpus": ds.fingerprint, "version": EMBED_VERSION}
+    key = stable_key(EMBED_VERSION, enc.identity, ds.corpus_fingerprint, cfg.doc_field, cfg.doc_prefix,
+                     cfg.get("max_seq_length"), enc.cosine)
+    folder = Path(cache_dir) / "embeddings" / f"{cfg.name}-{key}"
+    meta_expected = {"encoder": enc.identity, "corpus": ds.corpus_fingerprint, "version": EMBED_VERSION}
 
     def compute() -> None:
         from tqdm.auto import tqdm
