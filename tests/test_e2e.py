@@ -81,3 +81,24 @@ def test_unknown_model_name_lists_the_options(tmp_path):
     proc = run_cli(tmp_path, "model=nosuch", expect_ok=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Could not find 'model/nosuch'" in proc.stderr and "smollm2" in proc.stderr
+
+
+@pytest.mark.parametrize("offline_env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_uncached_hub_model_fails_fast_with_one_line(tmp_path, offline_env):
+    """`python -m corexp model=mistral` without the model in the local cache: one line naming the id and the fixes,
+    within seconds, no traceback, no MLflow run (an unreachable endpoint stands for this machine's closed network)."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env.update(offline_env, HF_HOME=str(tmp_path / "hf"), COREXP_CACHE=str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "corexp", "model=mistral", "heads.k=8",
+                           f"tracking.uri=sqlite:///{tmp_path}/m.db", f"hydra.run.dir={tmp_path}/out"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.perf_counter() - t0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("corexp: error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1
+    assert "'mistralai/Mistral-7B-Instruct-v0.2'" in lines[0] and "model.path=<local folder>" in lines[0]
+    assert "hf download mistralai/Mistral-7B-Instruct-v0.2" in lines[0]
+    assert not (tmp_path / "m.db").exists()  # checked before MLflow is opened
+    assert elapsed < 60  # ~8 s here, mostly imports; Hugging Face's retries took 55 s before
