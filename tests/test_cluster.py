@@ -3,15 +3,14 @@ parallel jobs, and caches shared by concurrent processes and by checkouts at oth
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
 
+from helpers import mlflow_server
 from tiny_models import save_tiny_checkpoint
 
 
@@ -69,24 +68,9 @@ def test_submitit_local_sweep_parent_children_resume_and_failure(tmp_path, tiny)
 
 @pytest.fixture()
 def server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "served-artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "served-artifacts"),
+                       "--workers", "2") as uri:
         yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_parallel_sweep_logs_to_a_tracking_server(tmp_path, tiny, server):

@@ -7,16 +7,14 @@ Screenshots go to $COREXP_SCREENSHOT_DIR (default: the test's tmp folder); the R
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from helpers import mlflow_server
 from tiny_models import save_tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,24 +42,8 @@ def sweep_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ui(sweep_store):
     tmp, _ = sweep_store
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{tmp}/mlflow.db", "--workers", "1", command="ui") as base:
         yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -49,30 +49,14 @@ def test_sweep_parent_children_failure_and_resume(tmp_path):
 
     # the MLflow UI server on loopback lists this sweep's runs through its REST API
     import json
-    import socket
-    import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    from helpers import mlflow_server
+
+    with mlflow_server(f"sqlite:///{tmp_path}/mlflow.db", "--workers", "1") as base:
         exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=corexp"))
         req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
                                      headers={"Content-Type": "application/json"})
         found = json.load(urllib.request.urlopen(req))["runs"]
         assert len(found) == 5  # 2 sweep parents, the finished job once, the failing job twice
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -139,12 +139,18 @@ class PromptConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """Where a set of queries, judgments and documents comes from (evaluation data or detection data)."""
+
     name: str = MISSING
     irds_id: Optional[str] = None
     local_dir: Optional[str] = None
     split: str = "test"
     run_file: Optional[str] = None
+
+
+@dataclass
+class DataConfig(SourceConfig):
     max_queries: Optional[int] = None
     query_ids: Optional[List[str]] = None
     drop_self_hits: bool = False
@@ -154,12 +160,8 @@ class DataConfig:
 
 
 @dataclass
-class DetectionConfig:
-    name: str = MISSING
-    irds_id: Optional[str] = None
-    local_dir: Optional[str] = None
+class DetectionConfig(SourceConfig):
     split: str = "train"
-    run_file: Optional[str] = None
     num_queries: int = 100
     num_negatives: int = 19
     positions: int = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -97,21 +98,8 @@ class AttentionReranker:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int, end: int, cache, rec: Readout | None):
         """Run tokens [start, end) of `ids` on top of `cache` (None: from scratch); the read-out records if given."""
-        cuda = self.lm.device.type == "cuda"
-        if cuda:  # events, not a synchronize: the CPU runs ahead (tokenizes the N/A prompt) while the GPU works
-            t0 = torch.cuda.Event(enable_timing=True)
-            t0.record()
-        else:
-            t0 = time.perf_counter()
-        with recording(rec):
+        with self._timed(end - start), recording(rec):
             out = self.lm.model(ids[:, start:end].to(self.lm.device), cache=cache, use_cache=True)
-        self.stats.pass_tokens.append(end - start)
-        if cuda:
-            t1 = torch.cuda.Event(enable_timing=True)
-            t1.record()
-            self._events.append((t0, t1))
-        else:
-            self.stats.pass_seconds.append(time.perf_counter() - t0)
         return out.cache
 
     @torch.inference_mode()
@@ -124,13 +112,19 @@ class AttentionReranker:
         # A placeholder 4-D mask: models return a prepared mask as-is instead of building an n x n one; the attention
         # function applies the tree's own masks.
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.lm.device)
+        with self._timed(int(ids.shape[1])), tree_pass(tree):
+            self.lm.model(ids, position_ids=pos, attention_mask=placeholder, use_cache=False)
+
+    @contextlib.contextmanager
+    def _timed(self, tokens: int):
+        """Record a forward's tokens and time: CUDA events on a GPU (no synchronize: the CPU runs ahead, e.g. tokenizes
+        the N/A prompt, while the GPU works; read out after the scores sync), wall time on a CPU."""
         cuda = self.lm.device.type == "cuda"
         t0 = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
         if cuda:
             t0.record()
-        with tree_pass(tree):
-            self.lm.model(ids, position_ids=pos, attention_mask=placeholder, use_cache=False)
-        self.stats.pass_tokens.append(int(ids.shape[1]))
+        yield
+        self.stats.pass_tokens.append(tokens)
         if cuda:
             t1 = torch.cuda.Event(enable_timing=True)
             t1.record()
