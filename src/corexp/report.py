@@ -158,12 +158,13 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
     return tables
 
 
-def missing_cells(df: pd.DataFrame) -> list[str]:
-    """model x method x data set combinations of this experiment's grid that have no finished run."""
+def missing_cells(df: pd.DataFrame, models: list[str] | None = None) -> list[str]:
+    """model x method x data set combinations of this experiment's grid that have no finished run (`models`: the
+    models the grid is meant to have, including ones with no run at all)."""
     methods, datasets = sorted(set(df["method"])), sorted(set(df["dataset"]))
     have = set(zip(df["model"], df["method"], df["dataset"]))
     out = []
-    for model in sorted(set(df["model"])):
+    for model in sorted(set(df["model"]) | set(models or [])):
         for method in methods:
             for ds in datasets:
                 if (model, method, ds) not in have and _plausible(df, method, ds):
@@ -260,8 +261,13 @@ def sweep_figures(t: pd.DataFrame, key: str, measure: str, out: Path) -> list[Pa
 
 
 def write_report(uri: str, experiments: list[str], out: Path, measure: str, baseline: str = "first-stage",
-                 vs: str | None = None) -> list[Path]:
+                 vs: str | None = None, models: list[str] | None = None) -> list[Path]:
+    """Tables, figures and a Markdown report into the folder `out`; or, when `out` ends in .md, the Markdown there
+    and the other files into the folder of the same name beside it (docs/results.md + docs/results/)."""
     df = load_runs(uri, experiments)
+    out = Path(out)
+    md_path, link = (out, f"{out.stem}/") if out.suffix == ".md" else (out / "report.md", "")
+    out = out.with_suffix("") if out.suffix == ".md" else out
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if vs:
@@ -270,10 +276,10 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
         md = [f"# {measure}, latency and peak memory against {vs} ({', '.join(experiments)})\n",
               "Relative columns: each value divided by the first point of its line (the smallest "
               f"{vs}, i.e. no truncation for truncation.fraction).\n", t.to_markdown(index=False, floatfmt=".4g"), ""]
-        md += [f"![{p.stem}]({p.name})" for p in written]
+        md += [f"![{p.stem}]({link}{p.name})" for p in written]
         t.to_csv(out / "sweep.csv", index=False)
-        (out / "report.md").write_text("\n".join(md) + "\n")
-        return written + [out / "sweep.csv", out / "report.md"]
+        md_path.write_text("\n".join(md) + "\n")
+        return written + [out / "sweep.csv", md_path]
     tables = build_tables(df, measure, baseline)
     base_text = "the first stage whose candidates it re-ranked" if baseline == "first-stage" else baseline
     md = [f"# {measure} by model ({', '.join(experiments)})\n",
@@ -290,11 +296,11 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
         fig = head_figure(df, model, out / f"{model}_head_layers.png")
         if fig:
             written.append(fig)
-            md.append(f"![{model} head layers]({fig.name})\n")
-    missing = missing_cells(df)
+            md.append(f"![{model} head layers]({link}{fig.name})\n")
+    missing = missing_cells(df, models)
     md += ["\n## Missing cells\n", "\n".join(f"- {m}" for m in missing) if missing else "None: every cell of the grid has a run.", ""]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    written.append(out / "report.md")
+    md_path.write_text("\n".join(md) + "\n")
+    written.append(md_path)
     return written
 
 
@@ -305,14 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", default="nDCG@10")
     ap.add_argument("--baseline", default="first-stage",
                     help="row label the paired tests compare against (default: each method's own first stage)")
+    ap.add_argument("--models", default=None, help="comma-separated models the grid should have (missing ones are listed)")
     ap.add_argument("--vs", default=None, help="a swept numeric setting (truncation.fraction, heads.k): figure + table")
-    ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>)")
+    ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>), or a .md file "
+                    "(its tables and figures go into the folder of the same name beside it)")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's artifact is noise here
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
     try:
-        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs):
+        models = args.models.split(",") if args.models else None
+        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs, models):
             print(p)
     except CorexpError as err:
         print(f"corexp.report: error: {err}", file=sys.stderr)
