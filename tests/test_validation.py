@@ -191,3 +191,14 @@ def test_values_from_config_files_are_checked_in_the_job():
         validate(cfg)
     with pytest.raises(CorexpError, match="truncation.layers=null is not allowed with truncation=layers"):
         validate(compose_cfg(["truncation=layers", "truncation.layers=null"]))
+
+
+def test_a_setting_the_method_ignores_is_reported():
+    from corexp.validation import ignored_overrides
+
+    icr = compose_cfg(["heads=all", "heads.k=8"])
+    (warning,) = ignored_overrides(icr, ["heads=all", "heads.k=8"])
+    assert warning.startswith("heads.k=8 is ignored by heads=all (ICR uses every head")
+    assert ignored_overrides(compose_cfg(["heads=qrhead", "heads.tau=0.5"]), ["heads=qrhead", "heads.tau=0.5"]) == [
+        "heads.tau=0.5 is ignored by heads=qrhead"]
+    assert ignored_overrides(compose_cfg(["heads.k=4"]), ["heads.k=4"]) == []  # CoRe reads k
