@@ -1,0 +1,61 @@
+"""How much a cheaper detection set changes the chosen heads: Jaccard of the top-k against a reference set, and time.
+
+    python scripts/detection_study.py --model smollm2 --reference detection=sample100 \\
+        --variant "40q-m19-w60:detection.num_queries=40,detection.num_negatives=19,detection.max_words=60"
+
+Each variant's detection table is computed (or read from the cache) exactly as a job would; only the eval data set's
+name matters here (data=dl19: its queries never overlap the SciFact train sample). Prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from corexp import heads as H
+from corexp.config import config_dir
+from corexp.detection import detection_masses
+from corexp.models import load_model
+from corexp.reranker import AttentionReranker
+from corexp.run import prompt_for
+
+
+def table(model: str, overrides: list[str]):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", "data=dl19", *overrides])
+    lm = load_model(cfg.model, Path(cfg.paths.cache_dir))
+    prompt = prompt_for(cfg)
+    if cfg.detection.get("max_words") is not None:
+        prompt.max_words = int(cfg.detection.max_words)
+    rr = AttentionReranker(lm, prompt, None, cfg.model.template)
+    key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
+    t0 = time.perf_counter()
+    masses, pos = detection_masses(rr, set(), cfg.detection, cfg.first_stage, Path(cfg.paths.cache_dir), key, True)
+    return masses, pos, time.perf_counter() - t0, float(cfg.model.tau)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--reference", default="detection=sample100", help="comma-separated overrides of the reference set")
+    ap.add_argument("--variant", action="append", default=[], help="name:comma-separated overrides (repeatable)")
+    a = ap.parse_args()
+    ref_m, ref_p, _, tau = table(a.model, a.reference.split(","))
+    ref = {"core": H.top_k(H.core_scores(ref_m, ref_p, tau), a.k), "qrhead": H.top_k(H.qrhead_scores(ref_m, ref_p), a.k)}
+    print(json.dumps({"reference": a.reference, "instances": int(ref_m.shape[0]), "core": H.format_heads(ref["core"])}))
+    for spec in a.variant:
+        name, _, overrides = spec.partition(":")
+        m, p, secs, _ = table(a.model, [*a.reference.split(","), *overrides.split(",")])
+        core, qr = H.top_k(H.core_scores(m, p, tau), a.k), H.top_k(H.qrhead_scores(m, p), a.k)
+        print(json.dumps({"variant": name, "instances": int(m.shape[0]), "seconds": round(secs, 1),
+                          "core": H.format_heads(core), "jaccard_core": round(H.jaccard(core, ref["core"]), 3),
+                          "jaccard_qrhead": round(H.jaccard(qr, ref["qrhead"]), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
