@@ -51,6 +51,8 @@ def test_missing_cells_are_listed():
     df = pd.DataFrame([_row("a", "ICR", "dl19", .4, metric="all"), _row("a", "CoRe-k8", "dl19", .5),
                        _row("b", "ICR", "dl19", .3, metric="all")])
     assert missing_cells(df) == ["b × CoRe-k8 × dl19"]
+    assert missing_cells(df, ["a,b,c:dl19", "a:nq"]) == ["a × CoRe-k8 × nq", "a × ICR × nq", "b × CoRe-k8 × dl19",
+                                                        "c × CoRe-k8 × dl19", "c × ICR × dl19"]
 
 
 def test_sweep_table_is_relative_to_no_truncation():

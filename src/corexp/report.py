@@ -158,23 +158,21 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
     return tables
 
 
-def missing_cells(df: pd.DataFrame, models: list[str] | None = None) -> list[str]:
-    """model x method x data set combinations of this experiment's grid that have no finished run (`models`: the
-    models the grid is meant to have, including ones with no run at all)."""
-    methods, datasets = sorted(set(df["method"])), sorted(set(df["dataset"]))
+def missing_cells(df: pd.DataFrame, expect: list[str] | None = None) -> list[str]:
+    """Cells of the intended grid that have no finished run.
+
+    expect: specs "model1,model2:dataset1,dataset2" (each model x each data set x every method of the experiment);
+    without them, every model x every (method, data set) pair some model ran.
+    """
     have = set(zip(df["model"], df["method"], df["dataset"]))
-    out = []
-    for model in sorted(set(df["model"]) | set(models or [])):
-        for method in methods:
-            for ds in datasets:
-                if (model, method, ds) not in have and _plausible(df, method, ds):
-                    out.append(f"{model} × {method} × {ds}")
-    return out
-
-
-def _plausible(df: pd.DataFrame, method: str, ds: str) -> bool:
-    """A cell belongs to the grid when some model ran this method on this data set."""
-    return bool(((df["method"] == method) & (df["dataset"] == ds)).any())
+    pairs = set(zip(df["method"], df["dataset"]))
+    grid = []
+    if not expect:
+        grid = [(m, meth, ds) for m in set(df["model"]) for meth, ds in pairs]
+    for spec in expect or []:
+        models, _, datasets = spec.partition(":")
+        grid += [(m, meth, ds) for m in models.split(",") for ds in datasets.split(",") for meth in set(df["method"])]
+    return [f"{m} × {meth} × {ds}" for m, meth, ds in sorted(set(grid)) if (m, meth, ds) not in have]
 
 
 def head_figure(df: pd.DataFrame, model: str, path: Path) -> Path | None:
@@ -261,7 +259,7 @@ def sweep_figures(t: pd.DataFrame, key: str, measure: str, out: Path) -> list[Pa
 
 
 def write_report(uri: str, experiments: list[str], out: Path, measure: str, baseline: str = "first-stage",
-                 vs: str | None = None, models: list[str] | None = None) -> list[Path]:
+                 vs: str | None = None, expect: list[str] | None = None) -> list[Path]:
     """Tables, figures and a Markdown report into the folder `out`; or, when `out` ends in .md, the Markdown there
     and the other files into the folder of the same name beside it (docs/results.md + docs/results/)."""
     df = load_runs(uri, experiments)
@@ -297,7 +295,7 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
         if fig:
             written.append(fig)
             md.append(f"![{model} head layers]({link}{fig.name})\n")
-    missing = missing_cells(df, models)
+    missing = missing_cells(df, expect)
     md += ["\n## Missing cells\n", "\n".join(f"- {m}" for m in missing) if missing else "None: every cell of the grid has a run.", ""]
     md_path.write_text("\n".join(md) + "\n")
     written.append(md_path)
@@ -311,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", default="nDCG@10")
     ap.add_argument("--baseline", default="first-stage",
                     help="row label the paired tests compare against (default: each method's own first stage)")
-    ap.add_argument("--models", default=None, help="comma-separated models the grid should have (missing ones are listed)")
+    ap.add_argument("--expect", action="append", default=None, metavar="MODELS:DATASETS",
+                    help="the grid to check for missing cells, e.g. smollm2,gemma3:dl19 (repeatable)")
     ap.add_argument("--vs", default=None, help="a swept numeric setting (truncation.fraction, heads.k): figure + table")
     ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>), or a .md file "
                     "(its tables and figures go into the folder of the same name beside it)")
@@ -320,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
     try:
-        models = args.models.split(",") if args.models else None
-        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs, models):
+        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs, args.expect):
             print(p)
     except CorexpError as err:
         print(f"corexp.report: error: {err}", file=sys.stderr)
