@@ -161,8 +161,9 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
 def missing_cells(df: pd.DataFrame, expect: list[str] | None = None) -> list[str]:
     """Cells of the intended grid that have no finished run.
 
-    expect: specs "model1,model2:dataset1,dataset2" (each model x each data set x every method of the experiment);
-    without them, every model x every (method, data set) pair some model ran.
+    expect: specs "model1,model2:dataset1,dataset2[:first_stage1,first_stage2]" (each model x each data set x every
+    method of the experiment on those first stages, e.g. BM25, dense:minilm); without them, every model x every
+    (method, data set) pair some model ran.
     """
     have = set(zip(df["model"], df["method"], df["dataset"]))
     pairs = set(zip(df["method"], df["dataset"]))
@@ -170,8 +171,10 @@ def missing_cells(df: pd.DataFrame, expect: list[str] | None = None) -> list[str
     if not expect:
         grid = [(m, meth, ds) for m in set(df["model"]) for meth, ds in pairs]
     for spec in expect or []:
-        models, _, datasets = spec.partition(":")
-        grid += [(m, meth, ds) for m in models.split(",") for ds in datasets.split(",") for meth in set(df["method"])]
+        models, datasets, *stages = spec.split(":", 2)
+        wanted = set(stages[0].split(",")) if stages else set(df["first_stage"])
+        methods = {meth for meth, fs in zip(df["method"], df["first_stage"]) if fs in wanted}
+        grid += [(m, meth, ds) for m in models.split(",") for ds in datasets.split(",") for meth in methods]
     return [f"{m} × {meth} × {ds}" for m, meth, ds in sorted(set(grid)) if (m, meth, ds) not in have]
 
 
@@ -309,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", default="nDCG@10")
     ap.add_argument("--baseline", default="first-stage",
                     help="row label the paired tests compare against (default: each method's own first stage)")
-    ap.add_argument("--expect", action="append", default=None, metavar="MODELS:DATASETS",
-                    help="the grid to check for missing cells, e.g. smollm2,gemma3:dl19 (repeatable)")
+    ap.add_argument("--expect", action="append", default=None, metavar="MODELS:DATASETS[:FIRST_STAGES]",
+                    help="the grid to check for missing cells, e.g. smollm2,gemma3:dl19:BM25 (repeatable)")
     ap.add_argument("--vs", default=None, help="a swept numeric setting (truncation.fraction, heads.k): figure + table")
     ap.add_argument("--out", default=None, help="output folder (default <root>/reports/<experiment>), or a .md file "
                     "(its tables and figures go into the folder of the same name beside it)")
