@@ -70,9 +70,10 @@ def test_bad_input_is_one_line_and_no_traceback(tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_default_job_with_real_smollm2(tmp_path):
-    run_cli(tmp_path, "data.max_queries=2", "first_stage.depth=5")
+    run_cli(tmp_path, "data.max_queries=2", "first_stage.depth=5", "detection.num_queries=4")  # the default job, shrunk
     (run,) = finished_runs(tmp_path)
     assert run.data.tags["model"] == "smollm2" and math.isfinite(run.data.metrics["rerank.nDCG_at_10"])
+    assert run.data.params["heads.metric"] == "core" and run.data.metrics["kept_layers"] <= 30
     assert run.data.tags["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert run.data.metrics["span_mismatches"] == 0
 
