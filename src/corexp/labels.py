@@ -42,6 +42,8 @@ def method_extras(p: dict[str, Any]) -> list[str]:
     if p.get("prompt.name", "core") not in ("core", "shuffled", None):
         extras.append(f"prompt={p['prompt.name']}" + (f"/{p['model.template']}" if str(p.get("prompt.name")).endswith("official") else ""))
     mode = p.get("truncation.mode", "none")
+    if mode == "auto" and p.get("heads.metric", "all") == "all":
+        mode = "none"  # every head is used: auto keeps every layer
     if mode != "none":
         extras.append(f"trunc={mode}" + (f":{p.get('truncation.fraction')}" if mode == "fraction" else
                                          f":{p.get('truncation.layers')}" if mode == "layers" else ""))
