@@ -36,7 +36,8 @@ def tiny_model_args(tiny_dir):
 
 
 def test_default_job_shrunk_logs_to_mlflow(tmp_path, tiny_dir):
-    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=3", "first_stage.depth=4", "detection.num_queries=4")
+    run_cli(tmp_path, *tiny_model_args(tiny_dir), "data.max_queries=3", "first_stage.depth=4", "detection.num_queries=4",
+            "detection.max_words=20")
     (run,) = finished_runs(tmp_path)
     assert run.info.status == "FINISHED"
     m = run.data.metrics

@@ -52,7 +52,8 @@ def test_same_config_twice_gives_identical_trec_run(tmp_path, tiny_dir):
 def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
     env = {**os.environ}
     cmd = [sys.executable, "-m", "corexp", *tiny_overrides(tiny_dir, tmp_path), f"hydra.run.dir={tmp_path}/out",
-           "data.max_queries=50", "first_stage.depth=10"]
+           "data.max_queries=50", "first_stage.depth=10",
+           "detection.num_queries=4", "detection.max_words=20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     deadline = time.time() + 300
