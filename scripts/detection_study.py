@@ -14,10 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from corexp import heads as H
-from corexp.config import config_dir
+from corexp.config import compose_config
 from corexp.detection import detection_masses
 from corexp.models import load_model
 from corexp.reranker import AttentionReranker
@@ -25,8 +23,7 @@ from corexp.run import prompt_for
 
 
 def table(model: str, overrides: list[str]):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", "data=dl19", *overrides])
+    cfg = compose_config([f"model={model}", "data=dl19", *overrides])
     lm = load_model(cfg.model, Path(cfg.paths.cache_dir))
     prompt = prompt_for(cfg)
     if cfg.detection.get("max_words") is not None:

@@ -16,21 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-
 from corexp import dense
-from corexp.config import config_dir
+from corexp.config import compose_config
 from corexp.data import load_local, select_queries
 from corexp.evaluation import evaluate, parse_measures
 from corexp.first_stage import first_stage_run
 
 STAGES = {"bm25s": ["first_stage=bm25"], "dataset-run": ["first_stage=auto"], "dense": ["first_stage=dense"],
           "hybrid": ["first_stage=hybrid"]}
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def main() -> None:
@@ -45,7 +38,7 @@ def main() -> None:
     ds = load_local(a.local_dir, a.split, a.name)
     qids = select_queries(ds, None)
     measures = parse_measures(a.measures.split(","))
-    base = compose_cfg(["first_stage=dense", f"first_stage/encoder={a.encoder}"])
+    base = compose_config(["first_stage=dense", f"first_stage/encoder={a.encoder}"])
     cache = Path(base.paths.cache_dir)
     if a.cold_embeddings:
         enc = dense.load_encoder(base.first_stage.encoder, cache)
@@ -58,7 +51,7 @@ def main() -> None:
               flush=True)
     for name, overrides in STAGES.items():
         encoder = [f"first_stage/encoder={a.encoder}"] if name in ("dense", "hybrid") else []
-        cfg = compose_cfg([*overrides, *encoder]).first_stage
+        cfg = compose_config([*overrides, *encoder]).first_stage
         t0 = time.perf_counter()
         run, label = first_stage_run(ds, qids, cfg, cache, True)
         secs = time.perf_counter() - t0

@@ -5,14 +5,11 @@ import sys
 import time
 import urllib.request
 
-from hydra import compose, initialize_config_dir
-
-from corexp.config import config_dir
+from corexp.config import compose_config
 
 
 def compose_cfg(overrides=(), return_hydra_config=False):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    return compose_config(overrides, return_hydra_config)
 
 
 @contextlib.contextmanager

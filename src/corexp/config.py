@@ -22,6 +22,14 @@ def config_dir() -> Path:
     raise FileNotFoundError("corexp config tree not found (expected conf/config.yaml)")
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> Any:
+    """The job config as the CLI would compose it (without running it), for the Python API, scripts and tests."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def project_root() -> Path:
     """The folder holding conf/: run folders and the MLflow store live here, whatever the working directory."""
     env = os.environ.get("COREXP_ROOT")

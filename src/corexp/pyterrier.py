@@ -41,16 +41,13 @@ class CorexpReranker(pt.Transformer):
         the configured detection data; cached), or an explicit list of (layer, head). Layers above the deepest
         selected head are not loaded (truncation=auto).
         """
-        from hydra import compose, initialize_config_dir
-
-        from corexp.config import config_dir
+        from corexp.config import compose_config
         from corexp.models import load_model, model_dims
         from corexp.run import prompt_for, select_heads
         from corexp.validation import check_model_dims, validate
 
         metric = heads if isinstance(heads, str) else "all"
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[f"model={model}", f"heads={metric}", f"heads.k={k}", *(overrides or [])])
+        cfg = compose_config([f"model={model}", f"heads={metric}", f"heads.k={k}", *(overrides or [])])
         validate(cfg)
         dims = model_dims(cfg.model, cfg.paths.cache_dir)
         check_model_dims(cfg, *dims)

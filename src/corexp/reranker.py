@@ -237,13 +237,10 @@ class AttentionReranker:
 def build_reranker(model: str = "smollm2", heads: list[Head] | None = None, prompt: str = "core",
                    overrides: list[str] | None = None) -> AttentionReranker:
     """Python API without Hydra's CLI: compose the packaged configs and load the model."""
-    from hydra import compose, initialize_config_dir
-
-    from corexp.config import config_dir
+    from corexp.config import compose_config
     from corexp.models import load_model
 
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", f"prompt={prompt}", *(overrides or [])])
+    cfg = compose_config([f"model={model}", f"prompt={prompt}", *(overrides or [])])
     keep = None if heads is None else max(layer for layer, _ in heads) + 1
     lm = load_model(cfg.model, cfg.paths.cache_dir, keep_layers=keep)
     return AttentionReranker(lm, cfg.prompt, heads=heads, template=cfg.model.template)
