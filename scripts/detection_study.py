@@ -12,26 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from corexp import heads as H
 from corexp.config import compose_config
-from corexp.detection import detection_masses
-from corexp.models import load_model
-from corexp.reranker import AttentionReranker
-from corexp.run import prompt_for
+from corexp.run import detection_table
 
 
 def table(model: str, overrides: list[str]):
-    cfg = compose_config([f"model={model}", "data=dl19", *overrides])
-    lm = load_model(cfg.model, Path(cfg.paths.cache_dir))
-    prompt = prompt_for(cfg)
-    if cfg.detection.get("max_words") is not None:
-        prompt.max_words = int(cfg.detection.max_words)
-    rr = AttentionReranker(lm, prompt, None, cfg.model.template)
-    key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
+    cfg = compose_config([f"model={model}", "data=dl19", "progress=true", *overrides])
     t0 = time.perf_counter()
-    masses, pos = detection_masses(rr, set(), cfg.detection, cfg.first_stage, Path(cfg.paths.cache_dir), key, True)
+    masses, pos = detection_table(cfg, [])
     return masses, pos, time.perf_counter() - t0, float(cfg.model.tau)
 
 

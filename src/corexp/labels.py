@@ -26,6 +26,11 @@ def method_name(p: dict[str, Any]) -> str:
     return name
 
 
+def truncation_mode(metric: Any, mode: Any) -> Any:
+    """The truncation a run actually had: `auto` keeps every layer when every head is used (ICR), i.e. none."""
+    return "none" if mode == "auto" and metric == "all" else mode
+
+
 def first_stage_label(p: dict[str, Any]) -> str:
     """BM25 (the dataset's run or bm25s) | dense:<encoder> | hybrid:<encoder>: the candidates a run re-ranked."""
     source = p.get("first_stage.source", "auto")
@@ -41,9 +46,7 @@ def method_extras(p: dict[str, Any]) -> list[str]:
         extras.append(first_stage_label(p))
     if p.get("prompt.name", "core") not in ("core", "shuffled", None):
         extras.append(f"prompt={p['prompt.name']}" + (f"/{p['model.template']}" if str(p.get("prompt.name")).endswith("official") else ""))
-    mode = p.get("truncation.mode", "none")
-    if mode == "auto" and p.get("heads.metric", "all") == "all":
-        mode = "none"  # every head is used: auto keeps every layer
+    mode = truncation_mode(p.get("heads.metric", "all"), p.get("truncation.mode", "none"))
     if mode != "none":
         extras.append(f"trunc={mode}" + (f":{p.get('truncation.fraction')}" if mode == "fraction" else
                                          f":{p.get('truncation.layers')}" if mode == "layers" else ""))

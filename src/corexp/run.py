@@ -59,6 +59,18 @@ def prompt_for(cfg: DictConfig) -> Any:
     return for_dataset(cfg.prompt, cfg.data.name, bool(cfg.data.get("question_style")))
 
 
+def detection_table(cfg: DictConfig, eval_qids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-instance head masses and positive positions of this job's detection set (METHOD.md §4), cached by content."""
+    cache = Path(cfg.paths.cache_dir)
+    lm = load_model(cfg.model, cache)
+    det_prompt = prompt_for(cfg)
+    if cfg.detection.get("max_words") is not None:  # shorter detection documents: a cheaper detection pass
+        det_prompt.max_words = int(cfg.detection.max_words)
+    det_rr = AttentionReranker(lm, det_prompt, None, cfg.model.template)
+    model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
+    return detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
+
+
 def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -> tuple[list[H.Head] | None, dict[str, Any]]:
     """The head set of this run and what to log about it (scores table, layer statistics)."""
     metric, k = cfg.heads.metric, int(cfg.heads.k)
@@ -69,20 +81,12 @@ def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -
         return H.published_heads(cfg.model, k), info
     if metric == "random":
         return H.random_heads(dims[0], dims[1], k, int(cfg.heads.seed)), info
-    cache = Path(cfg.paths.cache_dir)
     tau = float(cfg.heads.tau if cfg.heads.tau is not None else cfg.model.tau)
-    lm = load_model(cfg.model, cache)
-    det_prompt = prompt_for(cfg)
-    if cfg.detection.get("max_words") is not None:  # shorter detection documents: a cheaper detection pass
-        det_prompt.max_words = int(cfg.detection.max_words)
-    det_rr = AttentionReranker(lm, det_prompt, None, cfg.model.template)
-    model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
-    masses, pos = detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
+    masses, pos = detection_table(cfg, eval_qids)
     core, qr = H.core_scores(masses, pos, tau), H.qrhead_scores(masses, pos)
     scores = core if metric == "core" else qr
     info.update(scores=scores, tau=tau if metric == "core" else None, instances=int(masses.shape[0]),
                 jaccard_core_qrhead=H.jaccard(H.top_k(core, k), H.top_k(qr, k)))
-    del lm, det_rr
     return H.top_k(scores, k), info
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from corexp.errors import CorexpError
+from corexp.labels import truncation_mode
 from corexp.validation import UNUSED_BY_METRIC
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,8 @@ def _drop_unused(container: dict[str, Any]) -> dict[str, Any]:
             first.pop(key, None)
     trunc = container.get("truncation")
     if isinstance(trunc, dict):
-        if metric == "all" and trunc.get("mode") == "auto":
-            trunc["mode"] = "none"  # auto keeps every layer when every head is used
+        if "mode" in trunc:
+            trunc["mode"] = truncation_mode(metric, trunc["mode"])
         used = {"fraction": ("fraction",), "layers": ("layers",)}.get(trunc.get("mode"), ())
         for key in [k for k in trunc if k != "mode" and k not in used]:
             trunc.pop(key)
