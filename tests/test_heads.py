@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from corexp import heads as H
 from corexp.data import load_local
@@ -73,3 +74,27 @@ def test_detection_instances_never_use_judged_positives_as_negatives():
         assert rels.get(pos_doc, 0) > 0 and len(i["docs"]) == cfg.num_negatives + 1
         assert all(rels.get(d, 0) <= 0 for j, d in enumerate(i["docs"]) if j != i["pos_index"])
     assert {i["pos_index"] for i in inst} >= {0, cfg.num_negatives}
+
+
+def test_detection_folds_are_disjoint_blocks_of_one_order(shared_data, tmp_path):
+    """detection.fold=i: the i-th block of num_queries eligible queries of one seeded order; folds share no query."""
+    from corexp.detection import fold_order
+    from corexp.first_stage import cached_bm25
+
+    ds = load_local(shared_data / "scifact", "train", "scifact-train")
+    cfg = OmegaConf.create({"seed": 0, "num_queries": 40, "num_negatives": 19, "positions": 1, "fold": 0,
+                            "k1": 0.9, "b": 0.4, "method": "lucene", "stemmer": "english", "stopwords": "en", "hits": 100})
+    order = fold_order(ds, cfg)
+    run = cached_bm25(ds, order[:360], cfg, tmp_path, False)
+    folds = []
+    for fold in range(3):
+        cfg.fold = fold
+        folds.append({inst["query_id"] for inst in build_instances(ds, run, cfg)})
+    assert [len(f) for f in folds] == [40, 40, 40]
+    assert not (folds[0] & folds[1]) and not (folds[0] & folds[2]) and not (folds[1] & folds[2])
+    # block i of the eligible queries in that order, whatever the pool size
+    cfg.fold = 1
+    assert {inst["query_id"] for inst in build_instances(ds, {q: run[q] for q in order[:240]}, cfg)} == folds[1]
+    cfg.fold = 20
+    with pytest.raises(CorexpError, match="detection.fold=20"):
+        build_instances(ds, run, cfg)

@@ -175,6 +175,7 @@ class DetectionConfig(SourceConfig):
     positions: int = 1
     max_words: Optional[int] = None  # null: prompt.max_words; shorter documents make detection cheaper
     seed: int = 0
+    fold: Optional[int] = None  # null: num_queries sampled; i: the i-th of disjoint blocks of num_queries queries
 
 
 @dataclass

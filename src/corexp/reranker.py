@@ -16,6 +16,7 @@ from corexp.attention import Readout, TreePass, recording, tree_pass
 from corexp.data import Document
 from corexp.errors import CorexpError
 from corexp.models import LoadedModel
+from corexp.readout_cache import HeadTable, ReadoutCache
 from corexp.prompt import EncodedPrompt, encode, prepare_text, resolve_template, verify_spans, order_documents
 from corexp.scoring import document_scores, rank
 
@@ -42,14 +43,16 @@ class PassStats:
     pass_seconds: list[float] = field(default_factory=list)
     dropped_docs: int = 0
     span_mismatches: int = 0
+    cached: bool = False  # the scores came from the read-out cache (no forward ran)
 
 
 class AttentionReranker:
     """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
 
     def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
-                 instruction: str | None = None, one_pass: bool = True):
+                 instruction: str | None = None, one_pass: bool = True, readout_cache: ReadoutCache | None = None):
         self.lm = lm
+        self.readout_cache = readout_cache  # every head's token scores per prompt, reused by other head sets
         self.one_pass = one_pass  # real and N/A query in one forward (tree attention); False: N/A on the cached prefix
         self.cfg = prompt_cfg
         self.heads = heads
@@ -158,6 +161,8 @@ class AttentionReranker:
 
         if self.one_pass:
             na, shared = na_encoding()
+            if shared and self.readout_cache is not None:
+                return self._cached_scores(enc, na)
             if shared:  # real and N/A query rows in one forward (tree attention): no second pass at all
                 real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
                 na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=q_start)
@@ -185,6 +190,25 @@ class AttentionReranker:
         scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)  # synchronizes
         self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
         return scores
+
+    def _cached_scores(self, enc: EncodedPrompt, na: EncodedPrompt) -> torch.Tensor:
+        """c_j of this head set from the prompt's table of every head (readout_cache.py); computed once per prompt."""
+        cache = self.readout_cache
+        key = cache.key(enc.input_ids[0, :enc.q_end], na.input_ids[0, na.q_start:na.q_end], enc.q_start)
+        table = cache.load(key)
+        if table is not None and table.covers(self.heads, self.lm.kept_layers):
+            cache.hits += 1
+            self.stats.cached = True
+            return table.scores(self.heads, self.lm.kept_layers)
+        real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
+        na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
+        self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec))
+        labels, real = real_rec.head_matrix()
+        _, calib = na_rec.head_matrix()
+        table = HeadTable(labels, (real[:, :enc.q_start] - calib[:, :enc.q_start]).float().cpu())
+        self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+        cache.store(key, table)
+        return table.scores(self.heads, self.lm.kept_layers)
 
     @torch.inference_mode()
     def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:

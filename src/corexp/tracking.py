@@ -118,7 +118,7 @@ def config_hash(cfg: DictConfig) -> str:
     from corexp.cache import stable_key
 
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "tracking", "hydra", "progress", "debug", "force", "dry_run"):
+    for key in ("paths", "tracking", "hydra", "progress", "debug", "force", "dry_run", "readout_cache"):
         container.pop(key, None)
     return stable_key(_drop_unused(container))
 
@@ -287,7 +287,9 @@ def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, 
     if res.latencies:
         lat = np.array(res.latencies)
         metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
-                        "latency_p95_s": float(np.percentile(lat, 95)), "prompt_tokens_mean": float(np.mean(res.prompt_tokens)),
+                        "latency_p95_s": float(np.percentile(lat, 95))})
+    if res.prompt_tokens:
+        metrics.update({"prompt_tokens_mean": float(np.mean(res.prompt_tokens)), "readout_cache_hits": float(res.cached_queries),
                         "forward_passes_mean": float(np.mean(res.forward_passes)),
                         "queries": float(len(res.qids)), "dropped_candidates": float(res.dropped),
                         "span_mismatches": float(res.span_mismatches), "kept_layers": float(res.kept_layers),
@@ -295,6 +297,7 @@ def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, 
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if torch.cuda.is_available():
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    metrics.update({"wall_time_s": float(res.wall_time_s), "cpu_time_s": float(res.cpu_time_s)})
     mlflow.log_metrics(metrics)
     write_trec_run(res.reranked, out_dir / "rerank.trec", f"corexp-{cfg.heads.metric}")
     write_trec_run(res.candidates, out_dir / "first_stage.trec", res.first_stage_label)

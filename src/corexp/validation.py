@@ -117,6 +117,7 @@ RULES: dict[str, Rule] = {
     "detection.positions": _int(1),  # and at most num_negatives + 1 (checked below)
     "detection.max_words": _int(1, null="prompt.max_words"),
     "detection.seed": _int(0),
+    "detection.fold": _int(0, null="num_queries sampled, no folds"),
     "fusion.mode": _enum("none", "linear", "rrf"),
     "fusion.alpha": Rule("float", lo=0, hi=1),
     "fusion.rrf_k": _int(1),

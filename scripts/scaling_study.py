@@ -1,0 +1,65 @@
+"""The scaling study of docs/scaling.md: four model sizes x methods x document orders on DL19, and head-set stability.
+
+    python scripts/scaling_study.py --data-dir ../shared/data [--models smollm2,gemma3,qwen25coder,qwen25coder15]
+                                    [--phases main,reversed,shuffled,stability] [--dry-run]
+    python -m corexp.report --experiment scaling --out docs/scaling.md --scaling
+
+Every cell is an ordinary corexp job (one MLflow run, experiment `scaling`), run one sweep at a time (the CPU is the
+scarce resource: two jobs at once only slow each other). `readout_cache=true`: the first job of each (model, document
+order) reads every head in its forward and keeps the per-prompt table, so ICR, QRHead-k8, CoRe-k8, five random-k8
+draws and RRF fusion of the same prompts cost one forward per query, not one per method. Heads come from
+`detection=scifact_train` (40 queries of the complete SciFact train split, disjoint from DL19): fold 0 for the main
+rows, folds 1 and 2 for the stability study (three disjoint detection sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+
+MODELS = ["smollm2", "gemma3", "qwen25coder", "qwen25coder15"]
+SEEDS = "0,1,2,3,4"
+
+
+def sweeps(model: str, phase: str) -> list[list[str]]:
+    """The sweeps of one phase; in each order the all-heads job (ICR) runs first and fills the read-out cache."""
+    if phase == "main":
+        return [["heads=all"], ["heads=core,qrhead"], ["heads=random", f"heads.seed={SEEDS}"], ["heads=core", "fusion=rrf"]]
+    if phase in ("reversed", "shuffled"):
+        order = ["prompt.doc_order=reversed"] if phase == "reversed" else ["prompt=shuffled"]
+        return [[*order, "heads=all"], [*order, "heads=core,qrhead"], [*order, "heads=random", f"heads.seed={SEEDS}"]]
+    if phase == "stability":
+        return [["heads=core,qrhead", "detection.fold=1,2"]]
+    raise SystemExit(f"unknown phase {phase}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="folder holding the BEIR-layout dl19/ and scifact/ folders")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--phases", default="main,reversed,shuffled,stability")
+    ap.add_argument("--experiment", default="scaling")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = ap.parse_args()
+    common = [f"data=dl19", f"data.local_dir={args.data_dir}/dl19", "detection=scifact_train",
+              f"detection.local_dir={args.data_dir}/scifact", "detection.fold=0", "heads.k=8", "readout_cache=true",
+              f"tracking.experiment={args.experiment}"]
+    for model in args.models.split(","):
+        for phase in args.phases.split(","):
+            for sweep in sweeps(model, phase):
+                args_ = dict(a.split("=", 1) for a in [f"model={model}", *common, *sweep])  # later ones win
+                cmd = [sys.executable, "-m", "corexp", "-m", *[f"{k}={v}" for k, v in args_.items()]]
+                print("$", shlex.join(cmd[1:]), flush=True)
+                if args.dry_run:
+                    continue
+                t0 = time.time()
+                code = subprocess.call(cmd)
+                print(f"# exit {code} after {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
