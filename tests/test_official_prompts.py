@@ -85,15 +85,23 @@ def test_word_truncation_splits_on_single_spaces_only():
     assert prepare_text("", "a  b\nc d e", "text", 3, "whitespace") == "a b c"
     assert prepare_text("T", "a b c", "title_text", 2, "space") == "T\na b"
     assert prepare_text("", "a b c", "title_newline_text", 2, "space") == "\na b"
+    assert prepare_text(None, "a b c", "title_newline_text", 2, "space") == "a b"  # no title field: QRHead adds none
+    assert prepare_text("", " a b c ", "text", 2, "space", "before_cut") == "a b"  # QRHead's driver: strip, then cut
+    assert prepare_text("", " a b c ", "text", 2, "space") == " a"
+    assert prepare_text("", "a b \n c", "text", 3, "space", "after_cut") == "a b"  # CoRe's: cut ("a b \n"), strip
     presets = {p: compose_cfg([f"prompt={p}"]).prompt for p in FAMILIES}
-    assert {p: (c.max_words, c.word_split) for p, c in presets.items()} == {
-        "icr_official": (300, "space"), "qrhead_official": (400, "space"), "core_official": (300, "space")}
+    assert {p: (c.max_words, c.word_split, c.strip_text, c.span_rule) for p, c in presets.items()} == {
+        "icr_official": (300, "space", "none", "icr_incremental"), "qrhead_official": (400, "space", "before_cut", "offsets"),
+        "core_official": (300, "space", "after_cut", "core_incremental")}
 
 
 def _check_official_spans(tok, preset, family, docs, query):
+    """The formula's spans (span_rule=offsets: the token span of the named text); the official codes' own counting
+    (span_rule=core_incremental / icr_incremental, the presets' default) is checked against their outputs in
+    tests/test_parity.py."""
     from types import SimpleNamespace
 
-    cfg = compose_cfg([f"prompt={preset}"]).prompt
+    cfg = compose_cfg([f"prompt={preset}", "prompt.span_rule=offsets"]).prompt
     lm = SimpleNamespace(tokenizer=tok, kept_layers=1, num_heads=1, max_context=10**6)
     rr = AttentionReranker(lm, for_dataset(cfg, "scifact", False), None, template=family)
     texts = rr.doc_texts(docs)

@@ -129,9 +129,12 @@ class PromptConfig:
     instruction: str = "Please find information that are relevant to the following query in the paragraphs above."
     query_prefix: str = "\n\nQuery: "
     # Official presets: model family (model.template) -> {prefix, suffix, sep}; empty: corexp's chat-template variants.
-    families: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    families: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     doc_span: str = "text"  # text | marker_text ("[i] " + doc) | space_text (" " + doc after the marker)
-    doc_span_extra_tokens: int = 0  # tokens after the document added to its span (CoRe: 1)
+    doc_span_extra_tokens: int = 0  # tokens after the document added to its span (CoRe's re-ranker: 1)
+    detection_doc_span_extra_tokens: Optional[int] = None  # in head detection; null: doc_span_extra_tokens (CoRe's: 0)
+    span_rule: str = "offsets"  # offsets | core_incremental | icr_incremental (how each official code counts tokens)
+    strip_text: str = "none"  # none | before_cut (QRHead's driver) | after_cut (CoRe's) the word cut, split=space only
     query_span_end: str = "query"  # query | prompt_end | suffix_first_token
     doc_order: str = "retriever"  # retriever | reversed | shuffled
     doc_field: str = "text"  # text | title_text ((title + "\n" + text).strip()) | title_newline_text (title + "\n" + text)

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Document:
+    """A candidate document; title None: the record has no title field (QRHead's code adds "title\n" only then)."""
+
     id: str
-    title: str
+    title: str | None
     text: str
 
 
@@ -170,7 +172,7 @@ class IrdsDocStore:
 
     @staticmethod
     def _convert(doc: Any) -> Document:
-        title = getattr(doc, "title", "") or ""
+        title = getattr(doc, "title", None)
         text = getattr(doc, "text", None)
         if text is None:
             text = getattr(doc, "default_text", lambda: "")()
@@ -207,7 +209,8 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
         doc_id = str(obj["_id"])
         if doc_id in docs:
             raise CorexpError(f"{corpus_path}: duplicate document id '{doc_id}'; document ids must be unique")
-        docs[doc_id] = Document(doc_id, obj.get("title") or "", obj.get("text") or "")
+        title = obj.get("title")
+        docs[doc_id] = Document(doc_id, None if title is None else str(title), obj.get("text") or "")
     qrels = read_beir_qrels(qrels_path)
     all_queries = {str(o["_id"]): str(o.get("text") or "") for o in read_jsonl(queries_path)}
     missing = [q for q in qrels if q not in all_queries]

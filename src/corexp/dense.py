@@ -115,8 +115,8 @@ def load_encoder(enc_cfg: Any, cache_dir: Path) -> Encoder:
     return Encoder(model, identity, enc_cfg)
 
 
-def doc_text(title: str, text: str, field: str) -> str:
-    return f"{title} {text}".strip() if field == "title_text" else text.strip()
+def doc_text(title: str | None, text: str, field: str) -> str:
+    return f"{title or ''} {text}".strip() if field == "title_text" else text.strip()
 
 
 def corpus_embeddings(enc: Encoder, ds: IRDataset, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:

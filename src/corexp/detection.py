@@ -22,7 +22,7 @@ from corexp.prompt import build_text
 log = logging.getLogger(__name__)
 CODE_VERSION = "det-v2"
 # Prompt fields that change which tokens a span covers without changing the prompt text.
-SPAN_FIELDS = ("doc_span", "doc_span_extra_tokens", "query_span_end")
+SPAN_FIELDS = ("doc_span", "doc_span_extra_tokens", "query_span_end", "span_rule")
 
 
 def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg: Any) -> list[dict[str, Any]]:

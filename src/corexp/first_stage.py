@@ -22,7 +22,7 @@ def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, sho
     doc_ids, texts = [], []
     for d in ds.docs.iter_docs():
         doc_ids.append(d.id)
-        texts.append(f"{d.title} {d.text}".strip())
+        texts.append(f"{d.title or ''} {d.text}".strip())
     if not doc_ids:
         raise CorexpError(f"{ds.name}: the corpus is empty, BM25 has nothing to index")
     stop = cfg.stopwords or None

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,10 +26,20 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_SEP = "\n\n"
 
+
+class Template(NamedTuple):
+    """A model family's turn markers and separator; span_offset: tokens the official codes subtract from each counted
+    segment (their Mistral setting: sentencepiece adds a word-start token before a leading newline)."""
+
+    prefix: str
+    suffix: str
+    sep: str = DEFAULT_SEP
+    span_offset: int = 0
+
 _SENTINEL = "\u2063COREXP\u2063"
 
 
-def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> tuple[str, str, str]:
+def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> Template:
     """(prefix, suffix, separator) of the prompt for a model family.
 
     An official preset (prompt.families non-empty) defines its own strings per family and knows no other family;
@@ -41,13 +51,13 @@ def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> tuple[str, s
             raise CorexpError(f"prompt={cfg.get('name')} defines the model families {', '.join(sorted(families))}, "
                               f"not '{name}'; set model.template to one of them")
         fam = families[name]
-        return fam["prefix"], fam["suffix"], fam.get("sep", DEFAULT_SEP)
+        return Template(fam["prefix"], fam["suffix"], fam.get("sep", DEFAULT_SEP), int(fam.get("span_offset", 0)))
     if name in TEMPLATES:
-        return (*TEMPLATES[name], DEFAULT_SEP)
+        return Template(*TEMPLATES[name])
     if name != "auto":
         raise CorexpError(f"unknown prompt template '{name}'; use one of {sorted(TEMPLATES) + ['auto']}")
     if not getattr(tokenizer, "chat_template", None):
-        return (*TEMPLATES["plain"], DEFAULT_SEP)
+        return Template(*TEMPLATES["plain"])
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
     )
@@ -55,30 +65,40 @@ def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> tuple[str, s
     bos = getattr(tokenizer, "bos_token", None)
     if bos and before.startswith(bos):
         before = before[len(bos):]
-    return before, after, DEFAULT_SEP
+    return Template(before, after)
 
 
 DOC_FIELDS = ("text", "title_text", "title_newline_text")
 
 
-def prepare_text(title: str, text: str, field: str, max_words: int | None, split: str = "whitespace") -> str:
-    """Document text as inserted: its first `max_words` words, optionally with the title.
+STRIP_RULES = ("none", "before_cut", "after_cut")
+
+
+def prepare_text(title: str | None, text: str, field: str, max_words: int | None, split: str = "whitespace",
+                 strip: str = "none") -> str:
+    """Document text as inserted: its first `max_words` words, optionally with the title (None: the record has none).
 
     split=whitespace (corexp): runs of whitespace collapse to one space. split=space (the official codes): words are
-    split on " " only, so newlines and double spaces survive. Fields: text; title_text = title + "\n" + text (without
-    an empty title; stripped with split=space, as ICR); title_newline_text = title + "\n" + text always (QRHead).
+    split on " " only, so newlines and double spaces survive; strip=after_cut strips the cut text (CoRe's code),
+    strip=before_cut strips the text before cutting it (QRHead's driver). Fields: text; title_text = title + "\n" +
+    text (without an empty title; stripped with split=space, as ICR); title_newline_text = title + "\n" + text whenever
+    the record has a title, even an empty one (QRHead).
     """
     if field not in DOC_FIELDS:
         raise CorexpError(f"prompt.doc_field must be one of {', '.join(DOC_FIELDS)}, got '{field}'")
     if split == "space":
-        body = " ".join(text.split(" ")[:max_words]) if max_words else text
+        source = text.strip() if strip == "before_cut" else text
+        body = " ".join(source.split(" ")[:max_words]) if max_words else source
+        if strip == "after_cut":
+            body = body.strip()
         if field == "title_text":
-            return f"{title}\n{body}".strip()
-        return f"{title}\n{body}" if field == "title_newline_text" else body
+            return f"{title or ''}\n{body}".strip()
+        return f"{title}\n{body}" if field == "title_newline_text" and title is not None else body
     words = text.split()
     if max_words:
         words = words[:max_words]
     body = " ".join(words)
+    title = title or ""
     if field == "title_newline_text":
         return f"{title}\n{body}"
     if field == "title_text" and title.strip():
@@ -95,6 +115,19 @@ def for_dataset(cfg: Any, name: str, question_style: bool) -> Any:
         out.instruction = cfg.question_instruction
     if name in (cfg.get("text_only_on") or []):
         out.doc_field = "text"
+    return out
+
+
+def for_detection(cfg: Any, max_words: int | None) -> Any:
+    """The prompt config of head detection: documents cut to `max_words` (null: the prompt's), and the span's trailing
+    tokens of detection (CoRe's detector sums [start, end), its re-ranker [start, end])."""
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if max_words is not None:  # shorter detection documents: a cheaper detection pass
+        out.max_words = int(max_words)
+    if out.get("detection_doc_span_extra_tokens") is not None:
+        out.doc_span_extra_tokens = int(out.detection_doc_span_extra_tokens)
     return out
 
 
@@ -192,18 +225,44 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     return (hits[0], hits[-1] + 1)
 
 
+SPAN_RULES = ("offsets", "core_incremental", "icr_incremental")
+
+
 def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tuple[str, ...], instruction: str) -> EncodedPrompt:
+    """Tokenize the prompt once and find its spans under `prompt.span_rule` (docs/OFFICIAL_PROMPTS.md, "Span rules"):
+
+    offsets (corexp, and QRHead's code): the tokens whose character offsets overlap the named text;
+    core_incremental (CoRe's code): token counts of the prompt's prefixes, each tokenized on its own;
+    icr_incremental (ICR's code): token counts of the prompt's segments, each tokenized on its own, added up.
+    Both incremental rules reproduce their code's off-by-one cases where a tokenizer merges across a boundary.
+    """
     text, char_spans, qc_start, qc_end = build_text(docs, query, cfg, template, instruction)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    lookup = _Offsets(offsets)
+    ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
     extra = int(cfg.get("doc_span_extra_tokens", 0) or 0)
+    rule = cfg.get("span_rule", "offsets")
+    if rule == "offsets":
+        doc_spans, q_start, q_end = _offset_spans(text, [tuple(o) for o in enc["offset_mapping"]], char_spans, qc_start,
+                                                  qc_end, extra, cfg.query_span_end)
+    elif rule == "core_incremental":
+        doc_spans, q_start, q_end = _core_incremental(tokenizer, text, char_spans, qc_start, qc_end, extra,
+                                                      Template(*template).span_offset)
+    elif rule == "icr_incremental":
+        q_text = query.strip() if cfg.get("strip_query", False) else query
+        doc_spans, q_start, q_end = _icr_incremental(tokenizer, text, char_spans, qc_end - len(q_text), Template(*template))
+    else:
+        raise CorexpError(f"prompt.span_rule must be one of {', '.join(SPAN_RULES)}, got '{rule}'")
+    return EncodedPrompt(ids, doc_spans, q_start, q_end, text, [text[a:b] for a, b in char_spans], extra)
+
+
+def _offset_spans(text: str, offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]], qc_start: int,
+                  qc_end: int, extra: int, end_rule: str) -> tuple[list[tuple[int, int]], int, int]:
+    lookup = _Offsets(offsets)
     doc_spans = []
     for a, b in char_spans:
         first, last = lookup.span(a, b) if b > a else (0, 0)
         doc_spans.append((first, min(last + extra, len(offsets))) if last > first else (first, last))
     q_start = lookup.span(qc_start, qc_start + 1)[0]
-    end_rule = cfg.query_span_end
     if end_rule == "prompt_end":
         q_end = len(offsets)
     elif end_rule == "query":
@@ -212,8 +271,49 @@ def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tupl
         q_end = lookup.span(qc_end, qc_end + 1)[1] if qc_end < len(text) else lookup.span(qc_end - 1, qc_end)[1]
     else:
         raise CorexpError(f"prompt.query_span_end must be query, prompt_end or suffix_first_token, got '{end_rule}'")
-    ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
-    return EncodedPrompt(ids, doc_spans, q_start, q_end, text, [text[a:b] for a, b in char_spans], extra)
+    return doc_spans, q_start, q_end
+
+
+def _counter(tokenizer: Any):
+    """Tokens of a string tokenized on its own, special tokens included (as `len(tokenizer(s).input_ids)`)."""
+    return lambda s: len(tokenizer(s, add_special_tokens=True)["input_ids"])
+
+
+def _core_incremental(tokenizer: Any, text: str, char_spans: list[tuple[int, int]], qc_start: int, qc_end: int,
+                      extra: int, offset: int) -> tuple[list[tuple[int, int]], int, int]:
+    """CoRe's rule: a document starts at the token count of the prompt through its `[document i]` marker and ends
+    at the count through the document (minus the family offset), plus `extra` tokens (its re-ranker: 1; its detector:
+    0); the query rows run from the count through the separator before the instruction to the count through the
+    query (minus the offset), inclusive. Expects doc_span=space_text (the span starts where the marker ends)."""
+    n = _counter(tokenizer)
+    spans = [(n(text[:a]), n(text[:b]) - offset + extra) for a, b in char_spans]
+    return spans, n(text[:qc_start]), n(text[:qc_end]) - offset + 1
+
+
+def _icr_incremental(tokenizer: Any, text: str, char_spans: list[tuple[int, int]], query_char: int,
+                     template: Template) -> tuple[list[tuple[int, int]], int, int]:
+    """ICR's rule: the prompt is counted segment by segment, each tokenized on its own without its special tokens
+    (BOS) and the family offset: the header, then `sep + "[i] " + doc` per document (the span: the segment minus the
+    separator's own count), then `sep + instruction + sep + "Query:"`, then `" " + query + suffix`; the query rows run
+    from the instruction to the last token. Expects doc_span=marker_text and a query prefix ending in a space."""
+    n = _counter(tokenizer)
+    bos, offset, sep = n(""), template.span_offset, template.sep
+    sep_len = n(sep) - bos - offset
+    spans = []
+    length = n(text[:char_spans[0][0]]) - sep_len if char_spans else 0
+    for a, b in char_spans:
+        length += sep_len
+        doc_len = n(text[a - len(sep):b]) - bos - sep_len - offset
+        spans.append((length, length + doc_len))
+        length += doc_len
+    last = char_spans[-1][1] if char_spans else 0
+    q_start = length + sep_len
+    query_seg = query_char - 1 if text[query_char - 1:query_char] == " " else query_char
+    length += n(text[last:query_seg]) - bos - offset
+    length += n(text[query_seg:]) - bos - offset
+    if length != n(text):
+        log.debug("ICR span rule: segment count %d differs from the prompt's %d tokens", length, n(text))
+    return spans, q_start, length
 
 
 def verify_spans(tokenizer: Any, enc: EncodedPrompt) -> list[int]:

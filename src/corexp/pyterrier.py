@@ -63,8 +63,8 @@ class CorexpReranker(pt.Transformer):
         for qid, group in inp.groupby("qid", sort=False):
             order = "rank" if "rank" in group.columns else "score"
             group = group.sort_values(order, ascending=order == "rank", kind="stable")
-            titles = group["title"].fillna("").astype(str) if "title" in group.columns else [""] * len(group)
-            docs = [Document(str(d), str(t), str(x)) for d, t, x in zip(group["docno"], titles, group["text"])]
+            titles = group["title"].fillna("").astype(str) if "title" in group.columns else [None] * len(group)
+            docs = [Document(str(d), t, str(x)) for d, t, x in zip(group["docno"], titles, group["text"])]
             scores = self.reranker.score(str(group["query"].iloc[0]), docs, str(qid))
             position = {d: r for r, (d, _) in enumerate(rank([d.id for d in docs], scores))}  # ties: first-stage order
             ranked = group.assign(score=scores, rank=[position[d.id] for d in docs])
@@ -82,6 +82,6 @@ def results_frame(run: dict[str, list[tuple[str, float]]], queries: dict[str, st
         found = docs.get_many([d for d, _ in ranked])
         for position, (docno, score) in enumerate(ranked):
             d = found[docno]
-            rows.append({"qid": qid, "query": queries[qid], "docno": docno, "title": d.title, "text": d.text,
+            rows.append({"qid": qid, "query": queries[qid], "docno": docno, "title": d.title or "", "text": d.text,
                          "score": float(score), "rank": position})
     return pd.DataFrame(rows)

@@ -72,8 +72,8 @@ class AttentionReranker:
 
     # -- prompt ---------------------------------------------------------------------------------
     def doc_texts(self, docs: list[Document]) -> list[str]:
-        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words, self.cfg.get("word_split", "whitespace"))
-                for d in docs]
+        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words, self.cfg.get("word_split", "whitespace"),
+                             self.cfg.get("strip_text", "none")) for d in docs]
 
     def encode(self, query: str, texts: list[str], query_id: str = "") -> tuple[EncodedPrompt, list[int]]:
         """Encode with the configured order; if the prompt overflows the context, drop the lowest-ranked candidates."""

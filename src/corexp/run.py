@@ -28,7 +28,7 @@ from corexp.evaluation import evaluate, parse_measures
 from corexp.first_stage import candidates, first_stage_run
 from corexp.memory import PeakMemory
 from corexp.models import load_model, model_dims
-from corexp.prompt import for_dataset
+from corexp.prompt import for_dataset, for_detection
 from corexp.readout_cache import ReadoutCache
 from corexp.reranker import AttentionReranker
 from corexp.scoring import fuse, rank, trec_scores
@@ -64,9 +64,7 @@ def detection_table(cfg: DictConfig, eval_qids: list[str]) -> tuple[np.ndarray, 
     """Per-instance head masses and positive positions of this job's detection set (METHOD.md §4), cached by content."""
     cache = Path(cfg.paths.cache_dir)
     lm = load_model(cfg.model, cache)
-    det_prompt = prompt_for(cfg)
-    if cfg.detection.get("max_words") is not None:  # shorter detection documents: a cheaper detection pass
-        det_prompt.max_words = int(cfg.detection.max_words)
+    det_prompt = for_detection(prompt_for(cfg), cfg.detection.get("max_words"))
     det_rr = AttentionReranker(lm, det_prompt, None, cfg.model.template)
     model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
     return detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
