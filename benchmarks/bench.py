@@ -31,6 +31,7 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
     import torch
 
     from corexp.models import LoadedModel, load_model
+
     from helpers_bench import compose
 
     if config_json:  # random weights from a config (architecture-only GPU runs)
@@ -55,19 +56,33 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
 def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
     from corexp.data import load_local
     from corexp.prompt import encode, prepare_text, resolve_template
+
     from helpers_bench import compose, sample_dir
 
     cfg = compose([f"prompt.max_words={max_words}"])
     ds = load_local(sample_dir(), "test", "sample")
     docs = [prepare_text(d.title, d.text, "text", max_words) for d in ds.docs.iter_docs()]
     query = next(iter(ds.queries.values()))
-    template = resolve_template("chatml" if lm.tokenizer is not None and "im_start" in str(lm.tokenizer.special_tokens_map) else "plain", lm.tokenizer)
+    chatml = lm.tokenizer is not None and "im_start" in str(lm.tokenizer.special_tokens_map)
+    template = resolve_template("chatml" if chatml else "plain", lm.tokenizer)
     k = n_docs or 5
     while True:
         enc = encode(lm.tokenizer, docs[:k], query, cfg.prompt, template, cfg.prompt.instruction)
         if n_docs or enc.length >= n_tokens:
             return cfg.prompt, template, docs[:k], query, enc
         k += 2
+
+
+def cpu_description() -> str:
+    """The CPU model, its cores and whether it has the bf16 instructions that make bfloat16 fast on a CPU."""
+    import os
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags]
+    native = "has" if {"avx512_bf16", "amx_bf16"} & flags else "no"
+    return f"{name}, {os.cpu_count()} cores, {'/'.join(bf16) or 'no AVX'} ({native} bf16 instructions)"
 
 
 def _sync(device: str) -> None:
@@ -86,7 +101,7 @@ def _workload(spec: dict, keep: int | None = None, max_words: int = 300, one_pas
     lm.max_context = 10**7  # long-prompt points may exceed the model's trained context: a cost measurement only
     prompt_cfg, template, docs, query, enc = _prompt(lm, spec.get("tokens"), spec.get("docs"), max_words)
     rr = AttentionReranker(lm, prompt_cfg, None, template="plain", one_pass=spec.get("one_pass", one_pass))
-    rr.template = template
+    rr.prompt.template = template
     return lm, rr, enc, query, [Document(str(i), "", d) for i, d in enumerate(docs)]
 
 
@@ -150,10 +165,15 @@ def interleaved(spec: dict) -> dict:
 
     lm, full, enc, query, documents = _workload(spec)
     two = AttentionReranker(lm, full.cfg, None, template="plain", one_pass=False)
-    two.template = full.template
+    two.prompt.template = full.template
     ids = enc.input_ids.to(lm.device)
     cuts = {keep: _workload(spec, keep)[1] for keep in spec["keeps"]}
-    fns = {"rerank": lambda: full.score(query, documents), "rerank_two_pass": lambda: two.score(query, documents),
+    last: dict[str, object] = {}  # each re-ranker's last statistics (returned with its scores)
+
+    def scored(name, rr):
+        last[name] = rr.score(query, documents).stats
+
+    fns = {"rerank": lambda: scored("one", full), "rerank_two_pass": lambda: scored("two", two),
            "plain_sdpa": lambda: _plain_forward(lm, ids), "detection": lambda: full.head_doc_masses(query, documents)}
     fns.update({f"rerank_keep{k}": (lambda r=r: r.score(query, documents)) for k, r in cuts.items()})
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -167,13 +187,14 @@ def interleaved(spec: dict) -> dict:
             if round_:
                 times[name].append(time.perf_counter() - t0)
                 if name == "rerank_two_pass":
-                    passes["main"].append(sum(two.stats.pass_seconds[:-1]))
-                    passes["na"].append(two.stats.pass_seconds[-1])
+                    passes["main"].append(sum(last["two"].pass_seconds[:-1]))
+                    passes["na"].append(last["two"].pass_seconds[-1])
     out = {k: statistics.median(v) for k, v in times.items()}
-    out.update(tokens=enc.length, layers=lm.num_layers, na_tokens=two.stats.pass_tokens[-1],
+    one_stats, two_stats = last["one"], last["two"]
+    out.update(tokens=enc.length, layers=lm.num_layers, na_tokens=two_stats.pass_tokens[-1],
                main_pass=statistics.median(passes["main"]), na_pass=statistics.median(passes["na"]),
-               passes_one=len(full.stats.pass_tokens), passes_two=len(two.stats.pass_tokens),
-               one_pass_tokens=full.stats.pass_tokens[0], rounds=spec.get("repeats", 2))
+               passes_one=len(one_stats.pass_tokens), passes_two=len(two_stats.pass_tokens),
+               one_pass_tokens=one_stats.pass_tokens[0], rounds=spec.get("repeats", 2))
     return out
 
 
@@ -182,6 +203,7 @@ def agreement_scores(spec: dict) -> dict:
     from corexp.data import load_local, select_queries
     from corexp.first_stage import candidates
     from corexp.reranker import AttentionReranker
+
     from helpers_bench import compose, sample_dir
 
     lm = _load(spec["model"], None, spec["dtype"], spec["device"], None)
@@ -194,8 +216,12 @@ def agreement_scores(spec: dict) -> dict:
     for q in qids:
         ids = [d for d, _ in run[q]]
         found = ds.docs.get_many(ids)
-        out[q] = dict(zip(ids, rr.score(ds.queries[q], [found[d] for d in ids], q)))
-    return {"scores": out, "seconds_per_query": (time.perf_counter() - t0) / len(qids)}
+        out[q] = dict(zip(ids, rr.score(ds.queries[q], [found[d] for d in ids], q).scores))
+    secs = (time.perf_counter() - t0) / len(qids)
+    import ir_measures
+
+    ndcg = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], {q: ds.qrels[q] for q in qids}, out)[ir_measures.nDCG @ 10]
+    return {"scores": out, "seconds_per_query": secs, "ndcg10": float(ndcg)}
 
 
 def agreement(a_scores: dict, b_scores: dict) -> dict:
@@ -288,6 +314,7 @@ def main() -> None:
               "threads": a.threads, "tokenizer": a.tokenizer}
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
     lines = [f"# Benchmark: {a.model if not a.config_json else Path(a.config_json).stem} ({a.dtype}, {a.device})", "",
+             f"CPU: {cpu_description()}", "",
              f"Device: {device_name}, torch {torch.__version__}, threads {a.threads or torch.get_num_threads()}; peak memory "
              "above what was in use before the call (CPU: resident set sampled every ms; CUDA: allocator peak). "
              "Command: `python benchmarks/bench.py "
@@ -315,17 +342,20 @@ def main() -> None:
         if a.skip_eager:
             eager = "– | – | – | – | "
         elif ea is None:
-            eager = (f"killed (> {MEM_LIMIT_MB / 1024:.0f} GB) | eager cannot run | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / > {MEM_LIMIT_MB} | "
+            eager = (f"killed (> {MEM_LIMIT_MB / 1024:.0f} GB) | eager cannot run | "
+                     f"{rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / > {MEM_LIMIT_MB} | "
                      f"> {MEM_LIMIT_MB / max(rr_['peak_mb'], 1):.0f}× | ")
         else:
-            eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / t['rerank']:.1f}× | {rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
+            eager = (f"{ea['seconds']:.2f} | {ea['seconds'] / t['rerank']:.1f}× | "
+                     f"{rr_['peak_mb']:.0f} / {sd['peak_mb']:.0f} / {ea['peak_mb']:.0f} | "
                      f"{ea['peak_mb'] / max(rr_['peak_mb'], 1):.1f}× | ")
         lines.append(f"| {t['tokens']} | {t['rerank']:.2f} | {t['rerank_two_pass']:.2f} | {t['plain_sdpa']:.2f} | "
                      f"{t['rerank'] / t['plain_sdpa']:.2f} / {t['rerank_two_pass'] / t['plain_sdpa']:.2f} | {eager}"
                      f"{0 if t['passes_one'] == 1 else float('nan')} / {t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | "
                      f"{t['passes_one']} / {t['passes_two']} | {t['detection'] / t['plain_sdpa']:.2f} |")
     lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
-              "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |", "|---|---|---|---|---|---|---|"]
+              "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |",
+              "|---|---|---|---|---|---|---|"]
     for _, r, cuts, t in rows:
         full = r["rerank"]
         for c in cuts:
@@ -345,11 +375,12 @@ def main() -> None:
         s32 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "float32"})
         s16 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "bfloat16"})
         ag = agreement(s32["scores"], s16["scores"])
-        lines += ["", f"Ranking agreement, ICR bf16 vs fp32, embedded SciFact sample, first {ag['queries']} test queries, BM25 top-20:", "",
-                  "| identical top-10 (order) | top-10 overlap | mean Kendall τ (20 candidates) | fp32 s/query | bf16 s/query |",
-                  "|---|---|---|---|---|",
-                  f"| {ag['identical_top10']:.2f} | {ag['top10_overlap']:.3f} | {ag['kendall_tau']:.3f} | "
-                  f"{s32['seconds_per_query']:.1f} | {s16['seconds_per_query']:.1f} |"]
+        lines += ["", f"Ranking agreement, ICR bf16 vs fp32, embedded SciFact sample, first {ag['queries']} test queries, "
+                  "BM25 top-20:", "",
+                  "| nDCG@10 fp32 | nDCG@10 bf16 | identical top-10 (order) | top-10 overlap | mean Kendall τ (20 candidates) "
+                  "| fp32 s/query | bf16 s/query |", "|---|---|---|---|---|---|---|",
+                  f"| {s32['ndcg10']:.4f} | {s16['ndcg10']:.4f} | {ag['identical_top10']:.2f} | {ag['top10_overlap']:.3f} | "
+                  f"{ag['kendall_tau']:.3f} | {s32['seconds_per_query']:.1f} | {s16['seconds_per_query']:.1f} |"]
     if a.scaling:
         lines += ["", "P6 scaling (re-rank, all passes; short documents: at most 50 words each; one timed run after the "
                   "first, whose peak memory is shown):", "",

@@ -37,7 +37,8 @@ def main(src: str, out: str = "src/corexp/resources/scifact_sample") -> None:
     rng = random.Random(SEED)
     test = load_local(src_dir, "test", "scifact")
     train_qrels = read_beir_qrels(src_dir / "qrels" / "train.tsv")
-    all_queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(src_dir / "queries.jsonl")}
+    with open(src_dir / "queries.jsonl") as fh:
+        all_queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in fh}
     corpus_ids = {d.id for d in test.docs.iter_docs()}
     test_ids = sorted(rng.sample(sorted(test.queries), N_TEST), key=int)
     train_pool = sorted(q for q, rels in train_qrels.items() if any(d in corpus_ids for d, r in rels.items() if r > 0))

@@ -15,14 +15,16 @@ import time
 
 from corexp import heads as H
 from corexp.config import compose_config
-from corexp.run import detection_table
+from corexp.job import Job
+from corexp.models import model_info
+from corexp.run import detection
 
 
 def table(model: str, overrides: list[str]):
-    cfg = compose_config([f"model={model}", "data=dl19", "progress=true", *overrides])
+    job = Job.from_config(compose_config([f"model={model}", "data=dl19", "progress=true", *overrides]))
     t0 = time.perf_counter()
-    masses, pos = detection_table(cfg, [])
-    return masses, pos, time.perf_counter() - t0, float(cfg.model.tau)
+    t = detection(job, [], model_info(job.cfg.model, job.cfg.paths.cache_dir))
+    return t.masses, t.pos_index, time.perf_counter() - t0, job.model_tau
 
 
 def main() -> None:

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+
 from corexp import dense
+from corexp.components import build
 from corexp.config import compose_config
 from corexp.data import load_local, select_queries
 from corexp.evaluation import evaluate, parse_measures
-from corexp.first_stage import first_stage_run
 
 STAGES = {"bm25s": ["first_stage=bm25"], "dataset-run": ["first_stage=auto"], "dense": ["first_stage=dense"],
           "hybrid": ["first_stage=hybrid"]}
@@ -51,9 +52,9 @@ def main() -> None:
               flush=True)
     for name, overrides in STAGES.items():
         encoder = [f"first_stage/encoder={a.encoder}"] if name in ("dense", "hybrid") else []
-        cfg = compose_config([*overrides, *encoder]).first_stage
+        stage = build(compose_config([*overrides, *encoder]).first_stage, "first_stage").component
         t0 = time.perf_counter()
-        run, label = first_stage_run(ds, qids, cfg, cache, True)
+        run, label = stage.retrieve(ds, qids, cache, True)
         secs = time.perf_counter() - t0
         means, _ = evaluate(ds.qrels, run, measures)
         print(json.dumps({"first_stage": label, "queries": len(qids), "seconds": round(secs, 1),

@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--experiment", default="scaling")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
-    common = [f"data=dl19", f"data.local_dir={args.data_dir}/dl19", "detection=scifact_train",
+    common = ["data=dl19", f"data.local_dir={args.data_dir}/dl19", "detection=scifact_train",
               f"detection.local_dir={args.data_dir}/scifact", "detection.fold=0", "heads.k=8", "readout_cache=true",
               f"tracking.experiment={args.experiment}"]
     for model in args.models.split(","):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from corexp.attention import Readout, recording
+
 from tiny_models import tiny_configs, tiny_model
 
 ARCHS = list(tiny_configs())

@@ -61,7 +61,7 @@ def test_submitit_local_sweep_parent_children_resume_and_failure(tmp_path, tiny)
                      *tiny_args(tiny, tmp_path), "heads=all,published", "data.max_queries=1")
     runs = mlflow.search_runs(experiment_names=["corexp"], output_format="list")
     new = [r for r in runs if r.data.tags.get("sweep") != "parent" and r.data.params.get("data.max_queries") == "1"]
-    assert sorted((r.data.tags["method"], r.info.status) for r in new) == [("all", "FINISHED"), ("published", "FAILED")]
+    assert sorted((r.data.tags["method"], r.info.status) for r in new) == [("ICR", "FINISHED"), ("published-k8", "FAILED")]
     assert "no published head list" in failing.stderr + failing.stdout + "".join(
         p.read_text() for p in (tmp_path / "sweep2" / ".submitit").rglob("*_log.*"))
 

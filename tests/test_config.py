@@ -5,6 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from corexp.config import config_dir
+
 from helpers import compose_cfg
 
 CONF = config_dir()
@@ -13,7 +14,8 @@ CONF = config_dir()
 def test_default_composes_to_the_offline_job():
     cfg = compose_cfg()
     assert cfg.model.name == "smollm2" and cfg.first_stage.depth == 20
-    assert (cfg.heads.metric, cfg.heads.k, cfg.truncation.mode) == ("core", 8, "auto")  # the paper's method by default
+    assert (cfg.heads._target_, cfg.heads.k, cfg.truncation._target_) == (
+        "corexp.heads.CoReHeads", 8, "corexp.truncation.AutoTruncation")  # the paper's method by default
     assert Path(cfg.data.local_dir).joinpath("qrels", "test.tsv").is_file()
     assert cfg.tracking.uri.startswith("sqlite:///") and Path(cfg.paths.root_dir).is_absolute()
     assert cfg.prompt.query_span_end == "query" and cfg.prompt.doc_order == "retriever"
@@ -32,18 +34,48 @@ def test_experiment_files_hold_only_overrides():
         compose_cfg([f"experiment={f.stem}"])
 
 
-def test_structured_schema_rejects_typos():
+def test_typos_and_wrong_types_are_rejected():
+    from corexp.errors import CorexpError
+    from corexp.job import Job
+
     with pytest.raises(ConfigCompositionException):
-        compose_cfg(["heads.kk=3"])
+        compose_cfg(["heads.kk=3"])  # no heads option declares kk
     with pytest.raises(ConfigCompositionException):
-        compose_cfg(["heads.k=eight"])
+        compose_cfg(["model.dtpye=float32"])  # structured schema of a settings group
+    with pytest.raises(CorexpError, match="heads.k='eight' is not allowed: use an integer >= 1"):
+        Job.from_config(compose_cfg(["heads.k=eight"]))
+
+
+@pytest.mark.parametrize("group", ["heads", "first_stage", "truncation", "fusion"])
+def test_every_option_is_one_class_instantiated_from_its_yaml(group):
+    """Each option's YAML holds `_target_` and exactly the class's declared settings; Hydra instantiates it."""
+    import dataclasses
+
+    from corexp.components import build, options
+
+    assert options(group), group
+    for name, cls in options(group).items():
+        node = compose_cfg([f"{group}={name}"])[group]
+        built = build(node, group)
+        assert type(built.component) is cls and built.component.name == name and not built.ignored
+        assert set(node) - {"_target_"} == {f.name for f in dataclasses.fields(cls)}, name
+
+
+def test_a_group_setting_reaches_the_options_that_take_it():
+    from corexp.job import Job
+
+    icr = Job.from_config(compose_cfg(["heads=all", "heads.k=8"]))
+    assert icr.ignored == ["heads.k=8 is ignored by heads=all (ICR uses every head; heads=core, qrhead or random take a top-k)"]
+    assert Job.from_config(compose_cfg(["heads=qrhead", "heads.tau=0.5"])).ignored == ["heads.tau=0.5 is ignored by heads=qrhead"]
+    core = Job.from_config(compose_cfg(["heads.k=4"]))
+    assert core.ignored == [] and core.heads.k == 4
 
 
 def test_key_overrides_used_by_the_docs():
     cfg = compose_cfg(["model=qwen25coder", "data=dl19", "first_stage.depth=10", "data.max_queries=5",
                        "heads=core", "heads.k=4", "tracking.uri=sqlite:////tmp/x.db", "truncation=auto"])
-    assert (cfg.model.template, cfg.data.irds_id, cfg.heads.metric, cfg.heads.k) == ("chatml", "msmarco-passage/trec-dl-2019/judged", "core", 4)
-    assert "RR(rel=2)" in cfg.data.measures and cfg.truncation.mode == "auto"
+    assert (cfg.model.template, cfg.data.irds_id, cfg.heads.k) == ("chatml", "msmarco-passage/trec-dl-2019/judged", 4)
+    assert "RR(rel=2)" in cfg.data.measures and cfg.truncation._target_.endswith("AutoTruncation")
     assert compose_cfg(["model=llama"]).model.published_heads.core[0] == "13-18"
 
 
@@ -63,15 +95,16 @@ def test_cpu_grid_sweeps_the_issue_grid():
     cfg = compose_cfg(["experiment=cpu_grid"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params.model == "smollm2,gemma3,qwen25coder" and params["heads.k"] == "4,8,16"
-    assert compose_cfg(["experiment=paper_pruning"]).truncation.mode == "fraction"
+    assert compose_cfg(["experiment=paper_pruning"]).truncation._target_.endswith("FractionTruncation")
 
 
 def _hash(overrides):
+    from corexp.job import Job
     from corexp.tracking import config_hash
 
     cfg = compose_cfg(overrides)
     cfg.paths.output_dir = "/unused"  # outside a Hydra job; paths are not part of a job's identity anyway
-    return config_hash(cfg)
+    return config_hash(Job.from_config(cfg))
 
 
 def test_config_hash_ignores_only_fields_the_method_never_reads():
@@ -80,12 +113,14 @@ def test_config_hash_ignores_only_fields_the_method_never_reads():
     assert len(icr) == 1
     assert _hash(["heads=qrhead", "heads.tau=0.5"]) == _hash(["heads=qrhead", "heads.tau=0.1"])
     assert _hash(["truncation=none", "truncation.fraction=0.3"]) == _hash(["truncation=none"])
+    assert _hash(["model.dtype=auto"]) == _hash(["model.dtype=float32"])  # auto is float32 on a CPU
+    assert _hash(["readout_cache=true"]) == _hash([])  # how scores are computed, not what
     # ...and still separates every field that changes what a job computes.
     distinct = [["heads=core", "heads.k=4"], ["heads=core", "heads.k=8"], ["heads=core", "heads.tau=0.5"],
                 ["heads=qrhead", "heads.k=8"], ["heads=core", "heads.k=8", "truncation=none"],
                 ["heads=all", "truncation=fraction"], ["heads=all", "truncation=fraction", "truncation.fraction=0.3"],
                 ["heads=random", "heads.seed=1"], ["heads=random"], ["heads=all", "data.max_queries=5"],
-                ["heads=core", "detection.num_queries=50"]]
+                ["heads=core", "detection.num_queries=50"], ["heads=core", "model.dtype=bfloat16"]]
     hashes = [_hash(o) for o in distinct]
     assert len(set(hashes)) == len(hashes) and icr.isdisjoint(hashes)
 

@@ -7,6 +7,7 @@ import pytest
 from corexp.config import RESOURCES_DIR
 from corexp.data import load_local, read_trec_run
 from corexp.errors import CorexpError
+
 from helpers import compose_cfg
 
 
@@ -78,16 +79,16 @@ def irds_home(tmp_path, shared_data, monkeypatch):
     (msm / "trec-dl-2019").mkdir(parents=True)
     (msm / "irds_version.txt").write_text("v2")
     with open(msm / "collection.tsv", "w") as out:
-        for line in open(shared_data / "dl19" / "corpus.jsonl"):
+        for line in (shared_data / "dl19" / "corpus.jsonl").read_text().splitlines(keepends=True):
             d = json.loads(line)
             out.write(f"{d['_id']}\t{d['text']}\n")
     with open(msm / "trec-dl-2019" / "queries.tsv", "w") as out:
-        for line in open(shared_data / "dl19" / "queries.jsonl"):
+        for line in (shared_data / "dl19" / "queries.jsonl").read_text().splitlines(keepends=True):
             q = json.loads(line)
             out.write(f"{q['_id']}\t{q['text']}\n")
     shutil.copy(shared_data / "dl19" / "qrels" / "qrels.dl19-passage.txt", msm / "trec-dl-2019" / "qrels")
     with open(msm / "trec-dl-2019" / "ms.run", "w") as out:
-        for line in open(shared_data / "dl19" / "run.bm25.trec"):
+        for line in (shared_data / "dl19" / "run.bm25.trec").read_text().splitlines(keepends=True):
             p = line.split()
             out.write(f"{p[0]}\t{p[2]}\n")
     monkeypatch.setenv("IR_DATASETS_HOME", str(home))

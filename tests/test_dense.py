@@ -16,6 +16,7 @@ from corexp.config import RESOURCES_DIR
 from corexp.data import load_local
 from corexp.dense import corpus_embeddings, dense_run, load_encoder, search
 from corexp.errors import CorexpError
+
 from helpers import compose_cfg
 from tiny_models import save_tiny_checkpoint, save_tiny_encoder
 

@@ -43,11 +43,11 @@ def test_default_job_shrunk_logs_to_mlflow(tmp_path, tiny_dir):
     m = run.data.metrics
     assert math.isfinite(m["rerank.nDCG_at_10"]) and math.isfinite(m["first_stage.nDCG_at_10"])
     assert m["queries"] == 3 and m["latency_p95_s"] >= m["latency_p50_s"] > 0
-    assert run.data.params["heads.metric"] == "core" and run.data.tags["dataset"] == "scifact-sample"
+    assert run.data.params["heads.name"] == "core" and run.data.tags["dataset"] == "scifact-sample"
     assert run.info.run_name.startswith("tiny · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample")
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"} <= arts
-    lines = open(tmp_path / "out" / "rerank.trec").read().split("\n")[:4]
+    lines = (tmp_path / "out" / "rerank.trec").read_text().split("\n")[:4]
     assert len({l.split()[2] for l in lines}) == 4
 
 
@@ -74,7 +74,7 @@ def test_default_job_with_real_smollm2(tmp_path):
     run_cli(tmp_path, "data.max_queries=2", "first_stage.depth=5", "detection.num_queries=4")  # the default job, shrunk
     (run,) = finished_runs(tmp_path)
     assert run.data.tags["model"] == "smollm2" and math.isfinite(run.data.metrics["rerank.nDCG_at_10"])
-    assert run.data.params["heads.metric"] == "core" and run.data.metrics["kept_layers"] <= 30
+    assert run.data.params["heads.name"] == "core" and run.data.metrics["kept_layers"] <= 30
     assert run.data.tags["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert run.data.metrics["span_mismatches"] == 0
 

@@ -7,7 +7,9 @@ import mlflow
 import pytest
 
 from corexp.errors import CorexpError
+from corexp.job import Job
 from corexp.run import run_job
+
 from helpers import compose_cfg
 from tiny_models import save_tiny_checkpoint
 
@@ -48,7 +50,8 @@ CASES = {
     "heads out of range": (["heads=published", "+model.published_heads.core=[99-0]", "heads.k=1"], "outside the model"),
     "k = 0": (["heads=random", "heads.k=0"], "heads.k=0 is not allowed: use an integer >= 1"),
     "k > number of heads": (["heads=random", "heads.k=1000"], "heads.k=1000 is out of range"),
-    "invalid tau": (["heads=core", "heads.tau=-1"], r"heads.tau=-1(\.0)? is not allowed: use null \(the model's tau\) or a finite number > 0"),
+    "invalid tau": (["heads=core", "heads.tau=-1"],
+                    r"heads.tau=-1(\.0)? is not allowed: use null \(the model's tau\) or a finite number > 0"),
     "truncation removes a published head": (["heads=published", "+model.published_heads.core=[3-0]", "heads.k=1",
                                              "truncation=layers", "truncation.layers=2"], "published heads reach layer 3"),
     "unknown measure": (["data.measures=[nDCG@@10]"], "cannot parse measure"),
@@ -82,7 +85,7 @@ def test_bad_input_gives_clear_error(case, tmp_path, tiny_dir, store, monkeypatc
         *([] if any(o.startswith("heads=") for o in overrides) else ["heads=all"]),  # no detection before the error
     ])
     with pytest.raises(CorexpError, match=pattern) as err:
-        run_job(cfg)
+        run_job(Job.from_config(cfg))
     assert "\n" not in str(err.value)
     mlflow.set_tracking_uri(store)
     assert all(r.info.status != "RUNNING" for r in mlflow.search_runs(search_all_experiments=True, output_format="list"))

@@ -3,10 +3,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from corexp import heads as H
-from corexp.data import load_local
 from corexp.config import RESOURCES_DIR
+from corexp.data import load_local
 from corexp.detection import build_instances
 from corexp.errors import CorexpError
+
 from helpers import compose_cfg
 
 
@@ -46,14 +47,13 @@ def test_top_k_random_published_and_errors():
     assert H.top_k(scores, 3) == [(0, 1), (1, 1), (1, 0)]
     assert H.top_k(scores, 1, max_layer=1) == [(0, 1)]
     assert H.random_heads(4, 4, 5, seed=1) == H.random_heads(4, 4, 5, seed=1)
-    assert H.published_heads(compose_cfg(["model=mistral"]).model, 2) == [(15, 21), (15, 1)]
+    published = H.SelectionContext(32, 32, published=dict(compose_cfg(["model=mistral"]).model.published_heads))
+    assert H.PublishedHeads(k=2).select(published).heads == [(15, 21), (15, 1)]
     for bad in (0, 5):
         with pytest.raises(CorexpError, match="out of range"):
             H.top_k(scores, bad)
-    with pytest.raises(CorexpError, match="tau"):
-        H.core_scores(*masses_fixture(), tau=0.0)
     with pytest.raises(CorexpError, match="no published head list"):
-        H.published_heads(compose_cfg(["model=smollm2"]).model, 8)
+        H.PublishedHeads(k=8).select(H.SelectionContext(30, 9))
 
 
 def test_jaccard_and_layer_stats():

@@ -10,6 +10,7 @@ from corexp.data import Document
 from corexp.errors import CorexpError
 from corexp.prompt import for_dataset, prepare_text
 from corexp.reranker import AttentionReranker
+
 from helpers import compose_cfg
 
 DOCS = [Document("d1", "Title A", "first doc text"), Document("d2", "", "second doc text")]

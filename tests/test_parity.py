@@ -55,7 +55,7 @@ def assert_same_scores(rr, dl19, official, tol):
     worst, same = 0.0, 0
     for q in dl19:
         docs = documents(q)
-        got = dict(zip([d.id for d in docs], rr.score(q["question"], docs, q["idx"])))
+        got = dict(zip([d.id for d in docs], rr.score(q["question"], docs, q["idx"]).scores))
         ref = official[q["idx"]]
         assert set(got) == set(ref)
         worst = max(worst, max(abs(got[d] - ref[d]) for d in ref))
@@ -66,7 +66,7 @@ def assert_same_scores(rr, dl19, official, tol):
 def test_core_rerank_prompts_spans_and_scores(dl19):
     rr = build_reranker("smollm2", OFFICIAL_TOP8, "core_official", ["model.template=llama3"])
     official = load("official_core_rerank_prompts.json")
-    for (q, enc, _), off in zip(prompts_of(rr, dl19), official, strict=True):
+    for (_q, enc, _), off in zip(prompts_of(rr, dl19), official, strict=True):
         assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"]
         assert enc.doc_spans == [(a, b + 1) for a, b in off["doc_spans"]]  # [start, end] inclusive
         assert (enc.q_start, enc.q_end) == (off["q_start"], off["q_end"] + 1)
@@ -76,7 +76,7 @@ def test_core_rerank_prompts_spans_and_scores(dl19):
 def test_icr_prompts_spans_and_scores(dl19):
     rr = build_reranker("smollm2", None, "icr_official", ["model.template=llama3"])
     official = load("official_icr_prompts.json")
-    for (q, enc, order), off in zip(prompts_of(rr, dl19, with_na=False), official, strict=True):
+    for (_q, enc, order), off in zip(prompts_of(rr, dl19, with_na=False), official, strict=True):
         assert order == list(range(19, -1, -1))  # top-1 last
         assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"]
         assert enc.doc_spans == [tuple(s) for s in off["doc_spans"]]  # half-open

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from corexp.config import PromptConfig
 from corexp.data import load_local
 from corexp.prompt import TEMPLATES, _Offsets, _token_span, build_text, encode, order_documents, prepare_text, verify_spans
+
 from helpers import compose_cfg
 from tiny_models import tiny_tokenizer
 

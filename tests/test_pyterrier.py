@@ -36,6 +36,6 @@ def test_pt_experiment_over_a_supplied_run_with_real_smollm2():
         got = out[out.qid == q]
         assert sorted(got.docno) == sorted(d for d, _ in run[q]) and list(got["rank"]) == list(range(len(run[q])))
         found = ds.docs.get_many([d for d, _ in run[q]])
-        expected = rr.reranker.score(ds.queries[q], [found[d] for d, _ in run[q]], q)
+        expected = rr.reranker.score(ds.queries[q], [found[d] for d, _ in run[q]], q).scores
         assert dict(zip(got.docno, got.score)) == pytest.approx(dict(zip([d for d, _ in run[q]], expected)), abs=1e-6)
     assert not pt.java.started()  # this path never needs Java

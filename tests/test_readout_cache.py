@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from corexp.config import PromptConfig
 from corexp.readout_cache import ReadoutCache
 from corexp.reranker import AttentionReranker
+
 from test_reranker import LONG_DOCS, QUERY, load
 from tiny_models import save_tiny_checkpoint
 
@@ -18,24 +19,25 @@ def test_head_sets_from_the_table_equal_direct_forwards(tmp_path, arch):
     prompt_cfg = OmegaConf.structured(PromptConfig)
     lm = load(tiny)
     cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
-    first = AttentionReranker(lm, prompt_cfg, None, template="plain", readout_cache=cache)
-    assert first.score(QUERY, LONG_DOCS) == pytest.approx(
-        AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, LONG_DOCS), abs=1e-5)
+    first = AttentionReranker(lm, prompt_cfg, None, template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
+    assert first.scores == pytest.approx(
+        AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, LONG_DOCS).scores, abs=1e-5)
     assert cache.hits == 0 and first.stats.pass_tokens and not first.stats.cached  # computed: one forward
     rng = random.Random(0)
     for k in (1, 3, 8):
         heads = rng.sample([(l, h) for l in range(4) for h in range(4)], k)
-        cached = AttentionReranker(lm, prompt_cfg, heads, template="plain", readout_cache=cache)
-        direct = AttentionReranker(lm, prompt_cfg, heads, template="plain")
-        assert cached.score(QUERY, LONG_DOCS) == pytest.approx(direct.score(QUERY, LONG_DOCS), abs=1e-5)
+        cached = AttentionReranker(lm, prompt_cfg, heads, template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
+        direct = AttentionReranker(lm, prompt_cfg, heads, template="plain").score(QUERY, LONG_DOCS)
+        assert cached.scores == pytest.approx(direct.scores, abs=1e-5)
         assert cached.stats.cached and cached.stats.pass_tokens == []  # no forward ran
     assert cache.hits == 3
     # a truncated model reads the same table (its layers are identical)
     cut = AttentionReranker(load(tiny, keep=2), prompt_cfg, [(0, 1), (1, 2)], template="plain", readout_cache=cache)
-    assert cut.score(QUERY, LONG_DOCS) == pytest.approx(
-        AttentionReranker(load(tiny, keep=2), prompt_cfg, [(0, 1), (1, 2)], template="plain").score(QUERY, LONG_DOCS),
+    scored = cut.score(QUERY, LONG_DOCS)
+    assert scored.scores == pytest.approx(
+        AttentionReranker(load(tiny, keep=2), prompt_cfg, [(0, 1), (1, 2)], template="plain").score(QUERY, LONG_DOCS).scores,
         abs=1e-5)
-    assert cut.stats.cached
+    assert scored.stats.cached
 
 
 def test_a_table_of_fewer_layers_is_recomputed_and_replaced(tmp_path):
@@ -44,12 +46,9 @@ def test_a_table_of_fewer_layers_is_recomputed_and_replaced(tmp_path):
     cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
     AttentionReranker(load(tiny, keep=2), prompt_cfg, [(1, 0)], template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
     full = AttentionReranker(load(tiny), prompt_cfg, [(3, 1)], template="plain", readout_cache=cache)
-    full.score(QUERY, LONG_DOCS)
-    assert not full.stats.cached  # the 2-layer table lacks layer 3
+    assert not full.score(QUERY, LONG_DOCS).stats.cached  # the 2-layer table lacks layer 3
     again = AttentionReranker(load(tiny), prompt_cfg, None, template="plain", readout_cache=cache)
-    again.score(QUERY, LONG_DOCS)
-    assert again.stats.cached  # the 4-layer table replaced it
+    assert again.score(QUERY, LONG_DOCS).stats.cached  # the 4-layer table replaced it
     other = ReadoutCache(tmp_path / "cache", "another-model")
     fresh = AttentionReranker(load(tiny), prompt_cfg, None, template="plain", readout_cache=other)
-    fresh.score(QUERY, LONG_DOCS)
-    assert not fresh.stats.cached  # keyed on the model identity
+    assert not fresh.score(QUERY, LONG_DOCS).stats.cached  # keyed on the model identity

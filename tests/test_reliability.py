@@ -10,7 +10,9 @@ import mlflow
 import pytest
 
 from corexp.cache import atomic_write_text
+from corexp.job import Job
 from corexp.run import run_job
+
 from helpers import compose_cfg
 from tiny_models import save_tiny_checkpoint
 
@@ -44,7 +46,7 @@ def test_same_config_twice_gives_identical_trec_run(tmp_path, tiny_dir):
     for i in range(2):
         cfg = compose_cfg([*tiny_overrides(tiny_dir, tmp_path), f"paths.output_dir={tmp_path}/out{i}", "data.max_queries=3",
                            "first_stage.depth=5", "heads=random", "heads.k=3", "prompt=shuffled", "force=true"])
-        run_job(cfg)
+        run_job(Job.from_config(cfg))
         runs.append((tmp_path / f"out{i}" / "rerank.trec").read_text())
     assert runs[0] == runs[1] and len(runs[0].splitlines()) == 15
 
@@ -61,7 +63,7 @@ def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
         try:
             if any(r.info.status == "RUNNING" for r in mlflow.search_runs(experiment_names=["corexp"], output_format="list")):
                 break
-        except Exception:  # noqa: BLE001 - the store may not exist yet
+        except Exception:
             pass
         time.sleep(0.5)
     assert proc.poll() is None, "job ended before it could be killed"

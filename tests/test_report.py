@@ -5,12 +5,13 @@ import pandas as pd
 import pytest
 
 from corexp.report import BEIR_15, CQA_FORUMS, build_tables, missing_cells, sweep_table
+
 from helpers import compose_cfg
 
 
 def test_paper_core_resolves_to_the_papers_setting():
     cfg = compose_cfg(["experiment=paper_core"], return_hydra_config=True)
-    assert cfg.first_stage.source == "dense" and cfg.first_stage.encoder.hf_id == "ibm-granite/granite-embedding-30m-english"
+    assert cfg.first_stage._target_.endswith(".Dense") and cfg.first_stage.encoder.hf_id == "ibm-granite/granite-embedding-30m-english"
     assert cfg.first_stage.depth == 40 and cfg.prompt.max_words == 300 and cfg.prompt.name == "core_official"
     det = cfg.detection
     assert (det.name, det.num_queries, det.num_negatives, det.positions) == ("nq-train", 1000, 49, 5)
@@ -24,11 +25,15 @@ def test_paper_core_resolves_to_the_papers_setting():
         assert compose_cfg([f"data={d}"]).data.name == d or d == "cqadupstack"
 
 
-def _row(model, method, dataset, value, fs=0.5, metric="core", extra=None):
-    params = {"heads.metric": metric, "heads.k": "8", "model.tau": "0.1", "data.name": dataset, "model.name": model,
+def _row(model, method, dataset, value, fs=0.5, metric="core", extra=None, labels=None):
+    from corexp.job import Labels
+
+    params = {"heads.name": metric, "heads.k": "8", "model.tau": "0.1", "data.name": dataset, "model.name": model,
               **(extra or {})}
-    return {"run_id": "none", "start": 0, "model": model, "dataset": dataset, "method": method, "first_stage": "BM25",
-            "params": params, "metrics": {"rerank.nDCG_at_10": value, "first_stage.nDCG_at_10": fs}, "queries": 10.0}
+    return {"run_id": "none", "run_name": f"{model} · {method}", "start": 0, "model": model, "dataset": dataset,
+            "method": method, "first_stage": "BM25", "params": params,
+            "labels": labels or Labels(model, method, "BM25", dataset),
+            "metrics": {"rerank.nDCG_at_10": value, "first_stage.nDCG_at_10": fs}, "queries": 10.0}
 
 
 def test_beir_average_counts_cqadupstack_forums_as_one_set():
@@ -56,11 +61,54 @@ def test_missing_cells_are_listed():
 
 
 def test_sweep_table_is_relative_to_no_truncation():
+    from corexp.job import Labels
+
     rows = []
     for frac, ndcg, lat, mem, kept in ((0.0, .5, 2.0, 400, 30), (0.5, .45, 1.0, 200, 15)):
-        r = _row("m", "x", "dl19", ndcg, extra={"truncation.mode": "fraction", "truncation.fraction": str(frac)})
+        extras = [{"group": "truncation", "text": f"trunc=fraction:{frac}", "without": {"fraction": "trunc=fraction"}}]
+        r = _row("m", "x", "dl19", ndcg, extra={"truncation.name": "fraction", "truncation.fraction": str(frac)},
+                 labels=Labels("m", "CoRe-k8 τ=0.1", "BM25", "dl19", extras, {"k": "CoRe τ=0.1", "tau": "CoRe-k8"}))
         r["metrics"].update(latency_mean_s=lat, peak_memory_mb=mem, kept_layers=kept)
         rows.append(r)
     t = sweep_table(pd.DataFrame(rows), "truncation.fraction", "nDCG@10")
-    assert list(t["kept_layers"]) == [30, 15] and t["method"].nunique() == 1
+    assert list(t["kept_layers"]) == [30, 15] and set(t["method"]) == {"CoRe-k8 τ=0.1 [trunc=fraction]"}
     assert list(t["latency_s rel."]) == [1.0, 0.5] and list(t["nDCG@10 rel."]) == pytest.approx([1.0, 0.9])
+
+
+def test_holm_agrees_with_independent_computations():
+    from statsmodels.stats.multitest import multipletests
+
+    from corexp.report import holm
+
+    # by hand: sorted p 0.005, 0.01, 0.03, 0.04 -> 4p, 3p, 2p, 1p = 0.02, 0.03, 0.06, 0.04 -> running max, capped at 1
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02})
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 5, 17):
+        p = rng.uniform(0, 0.2, size=n)
+        ours = holm({i: float(v) for i, v in enumerate(p)})
+        assert [ours[i] for i in range(n)] == pytest.approx(multipletests(p, method="holm")[1])
+
+
+def test_a_run_without_its_per_query_table_is_named_not_dropped(tmp_path):
+    """Two runs of one model: the one whose per_query.csv is gone gets no paired test and is listed by name."""
+    import mlflow
+
+    from corexp.job import Labels
+    from corexp.report import build_tables
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    exp = mlflow.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    rows = []
+    for name, with_table in (("good", True), ("broken", False)):
+        with mlflow.start_run(experiment_id=exp, run_name=name) as run:
+            if with_table:
+                pq = pd.DataFrame({"query_id": ["1", "2", "3"], "first_stage.nDCG@10": [.1, .2, .3],
+                                   "rerank.nDCG@10": [.4, .5, .7]})
+                pq.to_csv(tmp_path / "per_query.csv", index=False)
+                mlflow.log_artifact(str(tmp_path / "per_query.csv"))
+        row = _row("m", f"{name}-method", "dl19", .5, labels=Labels("m", f"{name}-method", "BM25", "dl19"))
+        rows.append({**row, "run_id": run.info.run_id, "run_name": name})
+    unreadable = []
+    table = build_tables(pd.DataFrame(rows), "nDCG@10", unreadable=unreadable)["m"]
+    assert len(unreadable) == 1 and unreadable[0].startswith("broken (") and "per_query.csv" in unreadable[0]
+    assert set(table.index) >= {"good-method", "broken-method", "BM25"}

@@ -11,6 +11,7 @@ from corexp.models import load_model
 from corexp.prompt import encode
 from corexp.reranker import AttentionReranker
 from corexp.scoring import document_scores
+
 from tiny_models import save_tiny_checkpoint
 
 DOCS = [Document("a", "T1", "the cells protein gene expression"), Document("b", "", "patients with cancer risk"),
@@ -57,21 +58,22 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
     prompt_cfg = OmegaConf.structured(PromptConfig)
     lm = load(tiny_dir)
     rr = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
-    got = rr.score(QUERY, DOCS)
+    scored = rr.score(QUERY, DOCS)
+    got = scored.scores
     all_heads = heads or [(l, h) for l in range(4) for h in range(4)]
     ref = reference_scores(tiny_dir, prompt_cfg, all_heads)
     assert got == pytest.approx(ref, abs=1e-5)
     texts = [d.text for d in DOCS]
     enc = encode(lm.tokenizer, texts, QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
     na = encode(lm.tokenizer, texts, "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
-    passes = rr.stats.pass_tokens
+    passes = scored.stats.pass_tokens
     # No pass runs past the query (causal attention: later tokens cannot change the query rows).
     if rr.croppable:  # one pass over prefix + query, then the N/A query on the cut-back cache
         assert passes == [enc.q_end, na.q_end - na.q_start]
     else:  # sliding windows: prefix alone, then each query on its own copy of the prefix cache
         assert passes == [enc.q_start, enc.q_end - enc.q_start, na.q_end - na.q_start]
     assert rr.croppable == (tiny_dir.name.startswith("llama"))
-    assert passes[-1] < 0.4 * na.length and len(rr.stats.pass_seconds) == len(passes)
+    assert passes[-1] < 0.4 * na.length and len(scored.stats.pass_seconds) == len(passes)
 
 
 def test_truncated_model_gives_identical_scores(tiny_dir):
@@ -98,8 +100,9 @@ def test_prompt_overflow_reduces_depth(tiny_dir):
     lm = load(tiny_dir)
     lm.max_context = 200
     rr = AttentionReranker(lm, cfg, None, template="plain")
-    out = rr.rerank(QUERY, [Document(str(i), "", "gene expression cells " * 3) for i in range(6)])
-    assert rr.stats.dropped_docs > 0 and len(out) == 6
+    docs = [Document(str(i), "", "gene expression cells " * 3) for i in range(6)]
+    out = rr.rerank(QUERY, docs)
+    assert rr.score(QUERY, docs).stats.dropped_docs > 0 and len(out) == 6
 
 
 def test_python_api_without_hydra_cli(tiny_dir):
@@ -120,7 +123,7 @@ def test_sliding_window_model_scores_match_reference(tmp_path):
     cfg = OmegaConf.create({"name": "tiny", "path": str(tiny), "dtype": "float32", "device": "cpu",
                             "trust_remote_code": False, "max_context": 4096})
     lm = load_model(cfg, tiny)
-    got = AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, DOCS)
+    got = AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, DOCS).scores
     model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
     rows = []
     for q in (QUERY, "N/A"):
@@ -153,12 +156,13 @@ def test_one_pass_equals_two_passes_and_the_eager_reference(arch_dirs, arch, hea
     lm = load(tiny, keep=keep)
     one = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=True)
     two = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
-    got_one, got_two = one.score(QUERY, LONG_DOCS), two.score(QUERY, LONG_DOCS)
+    scored_one, scored_two = one.score(QUERY, LONG_DOCS), two.score(QUERY, LONG_DOCS)
+    got_one, got_two = scored_one.scores, scored_two.scores
     assert got_one == pytest.approx(got_two, abs=1e-5)
     enc = encode(lm.tokenizer, [d.text for d in LONG_DOCS], QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
     na = encode(lm.tokenizer, [d.text for d in LONG_DOCS], "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
-    assert one.stats.pass_tokens == [enc.q_end + na.q_end - na.q_start]  # one forward per query
-    assert len(two.stats.pass_tokens) >= 2 and enc.q_start > 16
+    assert scored_one.stats.pass_tokens == [enc.q_end + na.q_end - na.q_start]  # one forward per query
+    assert len(scored_two.stats.pass_tokens) >= 2 and enc.q_start > 16
     # and both equal the eager reference: separate full forwards with output_attentions
     model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
     rows = []

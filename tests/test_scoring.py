@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corexp.scoring import document_scores, fuse, rank, trec_scores
+from corexp.scoring import LinearFusion, NoFusion, RRFFusion, document_scores, rank, trec_scores
 
 
 def reference_score(values):
@@ -51,6 +52,16 @@ def test_any_input_gives_finite_scores_and_a_permutation(docs):
     ids = [f"d{i}" for i in range(len(docs))]
     ranked = rank(ids, scores)
     assert sorted(d for d, _ in ranked) == sorted(ids)
-    for mode in ("linear", "rrf"):
-        fused = fuse(ids, scores, list(range(len(ids), 0, -1)), mode, 0.5, 60)
-        assert all(math.isfinite(s) for s in fused)
+    first = list(range(len(ids), 0, -1))
+    for fusion in (LinearFusion(0.5), RRFFusion(60)):
+        fused = fusion.fuse(ids, scores, first)
+        assert all(math.isfinite(s) for s in fused) and len(fused) == len(ids)
+    assert NoFusion().fuse(ids, scores, first) == scores
+
+
+def test_fusion_formulas():
+    ids, attn, first = ["a", "b", "c"], [0.2, 0.9, 0.5], [3.0, 2.0, 1.0]
+    assert LinearFusion(1.0).fuse(ids, attn, first) == pytest.approx([0.0, 1.0, 3 / 7])
+    assert LinearFusion(0.0).fuse(ids, attn, first) == pytest.approx([1.0, 0.5, 0.0])
+    # attention ranks b, c, a; first-stage ranks a, b, c
+    assert RRFFusion(60).fuse(ids, attn, first) == pytest.approx([1 / 63 + 1 / 61, 1 / 61 + 1 / 62, 1 / 62 + 1 / 63])

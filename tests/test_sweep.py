@@ -28,19 +28,20 @@ def test_sweep_parent_children_failure_and_resume(tmp_path):
     assert len(parents) == 1 and len(children) == 2, first.stderr[-2000:]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     status = {r.data.tags["method"]: r.info.status for r in children}
-    assert status == {"all": "FINISHED", "published": "FAILED"}
+    assert status == {"ICR": "FINISHED", "published-k8": "FAILED"}
     assert all("heads=" in r.data.tags["overrides"] and r.data.tags["git_commit"] for r in children)
     second = sweep(tmp_path, tiny)
     assert "already FINISHED" in second.stderr + second.stdout
     runs = mlflow.search_runs(experiment_names=["corexp"], output_format="list")
-    assert sum(1 for r in runs if r.data.tags.get("method") == "all") == 1  # skipped, not rerun
+    assert sum(1 for r in runs if r.data.tags.get("method") == "ICR") == 1  # skipped, not rerun
     assert all(r.info.status != "RUNNING" for r in runs if r.data.tags.get("sweep") != "parent")
 
     # the report is rebuilt identically from the same store
     from corexp.report import write_report
 
-    files_a = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_a", "nDCG@10", "BM25")
-    files_b = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_b", "nDCG@10", "BM25")
+    files_a, md_a = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_a", "nDCG@10", "BM25")
+    files_b, md_b = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_b", "nDCG@10", "BM25")
+    assert md_a == md_b
     assert [f.name for f in files_a] == [f.name for f in files_b] and "report.md" in [f.name for f in files_a]
     for fa, fb in zip(files_a, files_b):
         assert fa.read_bytes() == fb.read_bytes()

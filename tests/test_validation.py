@@ -1,7 +1,7 @@
 """Every numeric and enum setting: a value either means exactly what it says, or the CLI stops with one line.
 
-The allowed values are written here independently of corexp.validation (they are the README's table): the test is
-the specification, the module the implementation.
+The allowed values are written here independently of the declarations (corexp.settings, the README's table): the
+test is the specification, the declarations the implementation.
 """
 
 import json
@@ -16,8 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corexp.errors import CorexpError
-from corexp.validation import RULES, check_overrides, validate
+from corexp.job import Job
+from corexp.validation import check_overrides, rules
+
 from helpers import compose_cfg
+
+
+def validate(cfg):
+    """What every entry point runs: the composed config and its built components, checked once."""
+    Job.from_config(cfg)
 
 BASE = ["heads=core", "truncation=fraction", "fusion=linear", "first_stage=dense"]
 
@@ -63,11 +70,11 @@ SPEC = {
     "first_stage.chunk_size": (int_at_least(1), None),
     "first_stage.encoder.batch_size": (int_at_least(1), None),
     "first_stage.encoder.max_seq_length": (int_at_least(1, nullable=True), None),
-    "heads.k": (int_at_least(1), lambda p, v: p["heads"] == v),
+    "heads.k": (int_at_least(1), lambda p, v: p["heads"]["k"] == v),
     "heads.tau": (num_in(0, lo_open=True, nullable=True), lambda p, v: p["tau"] == (0.1 if v is None else v)),
     "heads.seed": (int_at_least(0), None),
     "truncation.fraction": (num_in(0, 1, hi_open=True), lambda p, v: p["truncation"]["fraction"] == v),
-    "truncation.layers": (int_at_least(1, nullable=True), lambda p, v: p["truncation"]["layers"] == v),
+    "truncation.layers": (int_at_least(1), lambda p, v: any(i.startswith("truncation.layers=") for i in p["ignored"])),
     "detection.num_queries": (int_at_least(1), lambda p, v: p["detection"]["queries"] == v),
     "detection.num_negatives": (int_at_least(1), lambda p, v: p["detection"]["negatives"] == v),
     "detection.positions": (lambda v: is_int(v) and 1 <= v <= 20, lambda p, v: p["detection"]["positions"] == v),
@@ -77,7 +84,7 @@ SPEC = {
     "prompt.overflow": (one_of("reduce", "error"), None),
     "prompt.word_split": (one_of("whitespace", "space"), None),
     "fusion.alpha": (num_in(0, 1), lambda p, v: p["fusion"]["alpha"] == v),
-    "fusion.rrf_k": (int_at_least(1), lambda p, v: p["fusion"]["rrf_k"] == v),
+    "fusion.rrf_k": (int_at_least(1), lambda p, v: any(i.startswith("fusion.rrf_k=") for i in p["ignored"])),
     "model.dtype": (one_of("auto", "bfloat16", "float32", "float16"), lambda p, v: p["dtype"] == v),
     "model.device": (DEVICES, lambda p, v: p["device"] == v),
 }
@@ -107,7 +114,29 @@ def override(key, v):
 
 
 def test_every_spec_setting_is_in_the_rules_table():
-    assert set(SPEC) <= set(RULES)
+    assert set(SPEC) <= set(rules())
+
+
+def test_a_setting_declared_by_several_options_has_one_rule():
+    import dataclasses
+
+    from corexp.components import GROUPS, group_settings
+
+    for group in GROUPS:
+        seen = {}
+        for option, decls in group_settings(group).items():
+            for key, d in decls.items():
+                assert seen.setdefault(key, d.rule) == d.rule, (group, option, key)
+        assert all(dataclasses.is_dataclass(c) for c in __import__("corexp.components", fromlist=["options"]).options(group).values())
+
+
+def test_the_readme_settings_tables_are_generated_from_the_declarations():
+    from pathlib import Path
+
+    from corexp.validation import settings_tables
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert settings_tables() in readme, "README's settings tables are stale: python -m corexp.validation --readme"
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,16 +218,5 @@ def test_values_from_config_files_are_checked_in_the_job():
     cfg = compose_cfg(["detection.positions=5", "detection.num_negatives=3"])
     with pytest.raises(CorexpError, match=r"detection.positions=5 is not allowed: use 1..4"):
         validate(cfg)
-    with pytest.raises(CorexpError, match="truncation.layers=null is not allowed with truncation=layers"):
+    with pytest.raises(CorexpError, match="truncation.layers=null is not allowed: use an integer >= 1"):
         validate(compose_cfg(["truncation=layers", "truncation.layers=null"]))
-
-
-def test_a_setting_the_method_ignores_is_reported():
-    from corexp.validation import ignored_overrides
-
-    icr = compose_cfg(["heads=all", "heads.k=8"])
-    (warning,) = ignored_overrides(icr, ["heads=all", "heads.k=8"])
-    assert warning.startswith("heads.k=8 is ignored by heads=all (ICR uses every head")
-    assert ignored_overrides(compose_cfg(["heads=qrhead", "heads.tau=0.5"]), ["heads=qrhead", "heads.tau=0.5"]) == [
-        "heads.tau=0.5 is ignored by heads=qrhead"]
-    assert ignored_overrides(compose_cfg(["heads.k=4"]), ["heads.k=4"]) == []  # CoRe reads k

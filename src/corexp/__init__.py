@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from corexp.errors import CorexpError  # noqa: E402
+from corexp.errors import CorexpError
 
 __all__ = ["CorexpError", "__version__"]

@@ -1,7 +1,8 @@
 """`python -m corexp [overrides]`: the Hydra entry point; bad input ends in one line, not a traceback.
 
-Overrides are checked against corexp.validation's table before Hydra composes anything; the composed config is
-checked again (values from experiment files) before any model or data is loaded. `dry_run=true` prints the plan.
+Overrides are checked against the settings' declarations (corexp.settings) before Hydra composes anything; the composed
+config is checked again (values from experiment files) when the job is built, before any model or data is loaded.
+`dry_run=true` prints the plan; a finished job prints its summary (first stage vs re-ranked, p-value, run, UI command).
 """
 
 from __future__ import annotations
@@ -21,29 +22,29 @@ log = logging.getLogger("corexp")
 
 def main() -> None:
     """Console entry: one line for an invalid setting on the command line, then Hydra."""
+    from corexp.components import normalize_overrides
     from corexp.validation import check_overrides
 
     problem = check_overrides(sys.argv[1:])
     if problem:
         print(f"corexp: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # a group's setting reaches the options that take it
     hydra_main()
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
-        from corexp.validation import validate
+        from corexp.job import Job
 
-        validate(cfg)
+        job = Job.from_config(cfg)  # every setting checked once, components built, measures parsed
         if cfg.get("dry_run"):
-            from corexp.plan import job_plan
-
-            print(json.dumps(job_plan(cfg), indent=1, ensure_ascii=False))
+            print(json.dumps(job.plan(), indent=1, ensure_ascii=False, default=str))
             return None
         from corexp.run import run_job
 
-        metrics = run_job(cfg)
+        summary = run_job(job)
     except CorexpError as err:
         if cfg.get("debug"):
             raise
@@ -51,7 +52,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             raise  # the sweep marks this job failed and goes on
         sys.exit(2)
-    return metrics.get("rerank.nDCG_at_10")
+    print(summary.text(), flush=True)
+    return summary.metrics.get("rerank.nDCG_at_10")
 
 
 def _is_multirun() -> bool:

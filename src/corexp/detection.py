@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,7 @@ from tqdm.auto import tqdm
 from corexp.cache import atomic_write_bytes, cached, stable_key
 from corexp.data import IRDataset, load_dataset
 from corexp.errors import CorexpError
-from corexp.first_stage import first_stage_run
-from corexp.prompt import build_text
+from corexp.heads import DetectionTable
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "det-v2"
@@ -37,7 +37,8 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
         if positives and len(negatives) == m:
             eligible.append((qid, positives, negatives))
     if not eligible:
-        raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; lower detection.num_negatives")
+        raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; "
+                          "lower detection.num_negatives")
     fold = cfg.get("fold")
     if fold is None:
         chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
@@ -56,7 +57,7 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
         pos_doc = rng.choice(positives)
         slots = [rng.randrange(m + 1)] if p == 1 else sorted({round(i * m / (p - 1)) for i in range(p)})
         for slot in slots:
-            docs = negatives[:slot] + [pos_doc] + negatives[slot:]
+            docs = [*negatives[:slot], pos_doc, *negatives[slot:]]
             instances.append({"query_id": qid, "docs": docs, "pos_index": slot})
     return instances
 
@@ -68,25 +69,27 @@ def fold_order(ds: IRDataset, cfg: Any) -> list[str]:
     return judged
 
 
-def instances_digest(reranker: Any, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
+def instances_digest(prompt: Any, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
     """Identity of a detection table by content: every instance's prompt text, positive slot and span convention.
 
     Neither paths nor config spellings enter it, so a moved checkout or a cluster node hits the same cache, while any
-    change of data, first stage, prompt or sampling that changes what the model reads gives a new table.
+    change of data, first stage, prompt or sampling that changes what the model reads gives a new table. (The span
+    rule enters only when it is not the default `offsets`, so tables computed before it existed stay valid.)
     """
-    h = hashlib.sha256(json.dumps({k: reranker.cfg.get(k) for k in SPAN_FIELDS}, sort_keys=True).encode())
+    span = {k: prompt.cfg.get(k) for k in SPAN_FIELDS if not (k == "span_rule" and prompt.cfg.get(k, "offsets") == "offsets")}
+    h = hashlib.sha256(json.dumps(span, sort_keys=True).encode())
     for inst in instances:
         docs = ds.docs.get_many(inst["docs"])
-        text = build_text(reranker.doc_texts([docs[d] for d in inst["docs"]]), ds.queries[inst["query_id"]],
-                          reranker.cfg, reranker.template, reranker.instruction)[0]
+        text = prompt.text(prompt.doc_texts([docs[d] for d in inst["docs"]]), ds.queries[inst["query_id"]])
         h.update(f"{len(text)}:{inst['pos_index']}:".encode())
         h.update(text.encode())
     return h.hexdigest()
 
 
-def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, first_stage_cfg: Any,
-                     cache_dir: Path, model_key: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Masses (instances, layers, heads, docs) and positive indices; computed once per model + instance content."""
+def detection_table(det_cfg: Any, prompt: Any, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
+                    model_key: str, reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
+    """Masses (instances, layers, heads, docs) and positive indices (METHOD.md §4), computed once per model and instance
+    content. `prompt` (a PromptBuilder: tokenizer only) keys the cache; `reranker()` loads the model only on a miss."""
     ds = load_dataset(det_cfg)
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
     if overlap:
@@ -94,24 +97,24 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
             f"detection queries overlap the evaluation queries ({len(overlap)}, e.g. '{overlap[0]}'); "
             "use a different detection split (detection.split / detection.irds_id)"
         )
-    # Large training splits (NQ train: 132k queries): retrieve only for a seeded pool of judged queries.
-    if det_cfg.get("fold") is None:
+    if det_cfg.get("fold") is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
         judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
         pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
     else:  # the first queries of one seeded order, enough for folds 0..fold: the folds never share a query
         pool = sorted(fold_order(ds, det_cfg)[:3 * int(det_cfg.num_queries) * (int(det_cfg.fold) + 1)])
-    run, _ = first_stage_run(ds, pool, first_stage_cfg, cache_dir, show_progress=False)
+    run, _ = first_stage.retrieve(ds, pool, cache_dir, progress=False)
     instances = build_instances(ds, run, det_cfg)
-    key = stable_key(CODE_VERSION, model_key, instances_digest(reranker, ds, instances))
+    key = stable_key(CODE_VERSION, model_key, instances_digest(prompt, ds, instances))
     path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
 
     def compute() -> None:
         log.info("head detection: %d instances (%d documents each) -> %s", len(instances), int(det_cfg.num_negatives) + 1, path)
-        lm = reranker.lm
+        rr = reranker()
+        lm = rr.lm
         masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
         for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
             docs = ds.docs.get_many(inst["docs"])
-            labels, m = reranker.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
+            labels, m = rr.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
             for row, (layer, head) in enumerate(labels):
                 masses[i, layer, head] = m[row].numpy()
         pos_index = np.array([inst["pos_index"] for inst in instances], dtype=np.int64)
@@ -121,5 +124,4 @@ def detection_masses(reranker: Any, eval_query_ids: set[str], det_cfg: Any, firs
 
     cached(path, compute)  # concurrent jobs: one computes, the others wait for its file
     with np.load(path, allow_pickle=False) as z:
-        masses, pos_index = z["masses"], z["pos_index"]
-    return masses, pos_index
+        return DetectionTable(z["masses"], z["pos_index"])

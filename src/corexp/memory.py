@@ -22,7 +22,7 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_mb = 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         import torch
 
         if self.device.startswith("cuda"):

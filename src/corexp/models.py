@@ -43,12 +43,10 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else the CPU (the value was validated against corexp.settings before)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CorexpError(f"model.device '{name}' is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    return torch.device(name)
 
 
 def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
@@ -170,8 +168,6 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     """Build the base model (no LM head) with the read-out attention, keeping `keep_layers` layers."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise CorexpError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got '{cfg.dtype}'")
     trust = bool(cfg.get("trust_remote_code", False))
     if trust:
         log.warning("trust_remote_code=true: code from the model repository will run")
@@ -183,7 +179,7 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
         raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
     config, full, kept = truncated_config(config, keep_layers)
     device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(cfg)
     attn = register_attention()
     import transformers
 
@@ -208,15 +204,82 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     )
 
 
-def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
-    """(layers, attention heads) from the config alone: head selection and truncation decide before loading weights."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a job knows of a model before loading any weight: its size, context, identity and tokenizer source."""
+
+    n_layers: int
+    n_heads: int
+    max_context: int
+    source: str  # path or HF id the files load from
+    sha256: str | None
+    description: str  # gguf:<file> | hf:<id> | local:<folder>
+    parameters: int | None = None  # of the full model, from its safetensors headers (None: weights not local yet)
+
+
+def safetensors_parameters(source: str) -> int | None:
+    """Parameters of a local safetensors checkpoint, summed from the files' headers (no tensor is read)."""
+    import json
+    import struct
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in entry["shape"]:
+                    n *= int(dim)
+                total += n
+    return total
+
+
+def model_info(cfg: Any, cache_dir: Path) -> ModelInfo:
+    """(layers, attention heads, context, identity) from the model's config alone: head selection, truncation and the
+    detection cache key decide before loading weights (offline or gated Hub ids fail here, within seconds)."""
     from transformers import AutoConfig
 
-    source, _, _ = model_source(cfg, cache_dir)
+    source, sha, desc = model_source(cfg, cache_dir)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
                                             **_hub_kwargs(cfg, source))
     except OSError as err:
         raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
+    max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
+    return ModelInfo(int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads), max_ctx, source, sha, desc,
+                     safetensors_parameters(source))
+
+
+def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
+    """(layers, attention heads) from the config alone."""
+    info = model_info(cfg, cache_dir)
+    return info.n_layers, info.n_heads
+
+
+def load_tokenizer(cfg: Any, cache_dir: Path) -> Any:
+    """The model's tokenizer without its weights."""
+    from transformers import AutoTokenizer
+
+    source, _, _ = model_source(cfg, cache_dir)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                                         **_hub_kwargs(cfg, source))
+
+
+def resolved_dtype(cfg: Any) -> torch.dtype:
+    """model.dtype with auto resolved: bfloat16 on CUDA, float32 elsewhere."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.bfloat16 if resolve_device(cfg.device).type == "cuda" else torch.float32

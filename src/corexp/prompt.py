@@ -54,8 +54,6 @@ def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> Template:
         return Template(fam["prefix"], fam["suffix"], fam.get("sep", DEFAULT_SEP), int(fam.get("span_offset", 0)))
     if name in TEMPLATES:
         return Template(*TEMPLATES[name])
-    if name != "auto":
-        raise CorexpError(f"unknown prompt template '{name}'; use one of {sorted(TEMPLATES) + ['auto']}")
     if not getattr(tokenizer, "chat_template", None):
         return Template(*TEMPLATES["plain"])
     text = tokenizer.apply_chat_template(
@@ -68,12 +66,6 @@ def resolve_template(name: str, tokenizer: Any, cfg: Any = None) -> Template:
     return Template(before, after)
 
 
-DOC_FIELDS = ("text", "title_text", "title_newline_text")
-
-
-STRIP_RULES = ("none", "before_cut", "after_cut")
-
-
 def prepare_text(title: str | None, text: str, field: str, max_words: int | None, split: str = "whitespace",
                  strip: str = "none") -> str:
     """Document text as inserted: its first `max_words` words, optionally with the title (None: the record has none).
@@ -84,8 +76,6 @@ def prepare_text(title: str | None, text: str, field: str, max_words: int | None
     text (without an empty title; stripped with split=space, as ICR); title_newline_text = title + "\n" + text whenever
     the record has a title, even an empty one (QRHead).
     """
-    if field not in DOC_FIELDS:
-        raise CorexpError(f"prompt.doc_field must be one of {', '.join(DOC_FIELDS)}, got '{field}'")
     if split == "space":
         source = text.strip() if strip == "before_cut" else text
         body = " ".join(source.split(" ")[:max_words]) if max_words else source
@@ -138,11 +128,9 @@ def order_documents(doc_ids: list[str], order: str, seed: int, query_id: str) ->
         return idx
     if order == "reversed":
         return idx[::-1]
-    if order == "shuffled":
-        digest = hashlib.sha256(f"{seed}:{query_id}".encode()).digest()
-        random.Random(int.from_bytes(digest[:8], "little")).shuffle(idx)
-        return idx
-    raise CorexpError(f"prompt.doc_order must be retriever, reversed or shuffled, got '{order}'")
+    digest = hashlib.sha256(f"{seed}:{query_id}".encode()).digest()  # shuffled, seeded per query
+    random.Random(int.from_bytes(digest[:8], "little")).shuffle(idx)
+    return idx
 
 
 @dataclass
@@ -179,9 +167,7 @@ def build_text(docs: list[str], query: str, cfg: Any, template: tuple[str, ...],
         marker = cfg.marker.format(i=i)
         text_start = pos + len(marker)
         start = {"text": text_start, "marker_text": pos,
-                 "space_text": text_start - (len(marker) - len(marker.rstrip()))}.get(convention)
-        if start is None:
-            raise CorexpError(f"prompt.doc_span must be text, marker_text or space_text, got '{convention}'")
+                 "space_text": text_start - (len(marker) - len(marker.rstrip()))}[convention]
         parts += [marker, doc]
         pos += len(marker) + len(doc)
         spans.append((start, pos) if doc else (pos, pos))
@@ -225,9 +211,6 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     return (hits[0], hits[-1] + 1)
 
 
-SPAN_RULES = ("offsets", "core_incremental", "icr_incremental")
-
-
 def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tuple[str, ...], instruction: str) -> EncodedPrompt:
     """Tokenize the prompt once and find its spans under `prompt.span_rule` (docs/OFFICIAL_PROMPTS.md, "Span rules"):
 
@@ -247,11 +230,9 @@ def encode(tokenizer: Any, docs: list[str], query: str, cfg: Any, template: tupl
     elif rule == "core_incremental":
         doc_spans, q_start, q_end = _core_incremental(tokenizer, text, char_spans, qc_start, qc_end, extra,
                                                       Template(*template).span_offset)
-    elif rule == "icr_incremental":
+    else:  # icr_incremental
         q_text = query.strip() if cfg.get("strip_query", False) else query
         doc_spans, q_start, q_end = _icr_incremental(tokenizer, text, char_spans, qc_end - len(q_text), Template(*template))
-    else:
-        raise CorexpError(f"prompt.span_rule must be one of {', '.join(SPAN_RULES)}, got '{rule}'")
     return EncodedPrompt(ids, doc_spans, q_start, q_end, text, [text[a:b] for a, b in char_spans], extra)
 
 
@@ -267,10 +248,8 @@ def _offset_spans(text: str, offsets: list[tuple[int, int]], char_spans: list[tu
         q_end = len(offsets)
     elif end_rule == "query":
         q_end = lookup.span(qc_end - 1, qc_end)[1]
-    elif end_rule == "suffix_first_token":  # CoRe: through the first token of the assistant-turn suffix
+    else:  # suffix_first_token (CoRe): through the first token of the assistant-turn suffix
         q_end = lookup.span(qc_end, qc_end + 1)[1] if qc_end < len(text) else lookup.span(qc_end - 1, qc_end)[1]
-    else:
-        raise CorexpError(f"prompt.query_span_end must be query, prompt_end or suffix_first_token, got '{end_rule}'")
     return doc_spans, q_start, q_end
 
 
@@ -327,3 +306,42 @@ def verify_spans(tokenizer: Any, enc: EncodedPrompt) -> list[int]:
         if decoded.strip() != doc.strip():
             bad.append(i)
     return bad
+
+
+class PromptBuilder:
+    """The list-wise prompt of one model and prompt config: document texts, the template, encoding with the configured
+    order and context limit. Needs the tokenizer only (no weights): detection keys its cache with it."""
+
+    def __init__(self, tokenizer: Any, cfg: Any, template: str = "auto", max_context: int | None = None,
+                 instruction: str | None = None):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.template = resolve_template(template, tokenizer, cfg)
+        self.instruction = instruction or cfg.instruction
+        self.max_context = max_context
+
+    def doc_texts(self, docs: list[Any]) -> list[str]:
+        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words, self.cfg.get("word_split", "whitespace"),
+                             self.cfg.get("strip_text", "none")) for d in docs]
+
+    def text(self, texts: list[str], query: str) -> str:
+        """The prompt string with the texts in the given order."""
+        return build_text(texts, query, self.cfg, self.template, self.instruction)[0]
+
+    def encode_plain(self, texts: list[str], query: str) -> EncodedPrompt:
+        """The texts in the given order (detection), no context check."""
+        return encode(self.tokenizer, texts, query, self.cfg, self.template, self.instruction)
+
+    def encode(self, query: str, texts: list[str], query_id: str = "") -> tuple[EncodedPrompt, list[int]]:
+        """Encode with the configured order; if the prompt overflows the context, drop the lowest-ranked candidates
+        (prompt.overflow=reduce) until it fits. Returns the prompt and the candidates' indices in prompt order."""
+        n = len(texts)
+        while True:
+            order = order_documents(list(range(n)), self.cfg.doc_order, self.cfg.seed, query_id)
+            enc = encode(self.tokenizer, [texts[i] for i in order], query, self.cfg, self.template, self.instruction)
+            if self.max_context is None or enc.length <= self.max_context:
+                return enc, order
+            if self.cfg.overflow != "reduce" or n == 1:
+                fix = "lower prompt.max_words" if n == 1 else "lower first_stage.depth or prompt.max_words, or set prompt.overflow=reduce"
+                raise CorexpError(f"prompt of {enc.length} tokens exceeds the model context ({self.max_context}); {fix}")
+            n -= 1

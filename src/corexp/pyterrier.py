@@ -34,28 +34,30 @@ class CorexpReranker(pt.Transformer):
 
     @classmethod
     def from_config(cls, model: str = "smollm2", heads: str | list[Head] = "core", k: int = 8,
-                    overrides: list[str] | None = None) -> "CorexpReranker":
-        """Compose corexp's configs (as the CLI does) and build the re-ranker.
+                    overrides: list[str] | None = None) -> CorexpReranker:
+        """Compose corexp's configs (as the CLI does), validate them, and build the re-ranker.
 
         heads: "all" (ICR), "core", "qrhead", "random", "published" (detected or drawn as a corexp job would, using
         the configured detection data; cached), or an explicit list of (layer, head). Layers above the deepest
         selected head are not loaded (truncation=auto).
         """
-        from corexp.config import compose_config
-        from corexp.models import load_model, model_dims
-        from corexp.run import prompt_for, select_heads
-        from corexp.validation import check_model_dims, validate
+        from pathlib import Path
 
-        metric = heads if isinstance(heads, str) else "all"
-        cfg = compose_config([f"model={model}", f"heads={metric}", f"heads.k={k}", *(overrides or [])])
-        validate(cfg)
-        dims = model_dims(cfg.model, cfg.paths.cache_dir)
-        check_model_dims(cfg, *dims)
-        chosen = [tuple(h) for h in heads] if not isinstance(heads, str) else select_heads(cfg, [], dims)[0]
+        from corexp.config import compose_config
+        from corexp.job import Job
+        from corexp.models import load_model, model_info
+        from corexp.run import select_heads
+
+        option = heads if isinstance(heads, str) else "all"
+        job = Job.from_config(compose_config([f"model={model}", f"heads={option}", f"heads.k={k}", "truncation=auto",
+                                              *(overrides or [])]))
+        info = model_info(job.cfg.model, Path(job.cfg.paths.cache_dir))
+        job.heads.check_dims(info.n_layers, info.n_heads)
+        chosen = [tuple(h) for h in heads] if not isinstance(heads, str) else select_heads(job, [], info)[0].heads
         keep = None if chosen is None else max(layer for layer, _ in chosen) + 1
-        lm = load_model(cfg.model, cfg.paths.cache_dir, keep_layers=keep)
-        label = metric if chosen is None or isinstance(heads, str) else f"{len(chosen)} heads"
-        return cls(AttentionReranker(lm, prompt_for(cfg), chosen, cfg.model.template), name=f"corexp-{model}-{label}")
+        lm = load_model(job.cfg.model, job.cfg.paths.cache_dir, keep_layers=keep)
+        label = option if chosen is None or isinstance(heads, str) else f"{len(chosen)} heads"
+        return cls(AttentionReranker(lm, job.prompt_cfg, chosen, job.cfg.model.template), name=f"corexp-{model}-{label}")
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         pt.validate.result_frame(inp, extra_columns=["query", "text"])
@@ -65,7 +67,7 @@ class CorexpReranker(pt.Transformer):
             group = group.sort_values(order, ascending=order == "rank", kind="stable")
             titles = group["title"].fillna("").astype(str) if "title" in group.columns else [None] * len(group)
             docs = [Document(str(d), t, str(x)) for d, t, x in zip(group["docno"], titles, group["text"])]
-            scores = self.reranker.score(str(group["query"].iloc[0]), docs, str(qid))
+            scores = self.reranker.score(str(group["query"].iloc[0]), docs, str(qid)).scores
             position = {d: r for r, (d, _) in enumerate(rank([d.id for d in docs], scores))}  # ties: first-stage order
             ranked = group.assign(score=scores, rank=[position[d.id] for d in docs])
             out.append(ranked.sort_values("rank", kind="stable"))

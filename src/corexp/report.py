@@ -21,13 +21,13 @@ import pandas as pd
 from corexp.config import project_root
 from corexp.errors import CorexpError
 from corexp.evaluation import parse_measures, safe_name
-from corexp.labels import first_stage_label, method_label
+from corexp.job import Labels
 
 BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
            "climate-fever", "scifact", "nq", "hotpotqa", "fever", "quora", "cqadupstack", "msmarco-dev"]
 CQA_FORUMS = ["android", "english", "gaming", "gis", "mathematica", "physics", "programmers", "stats", "tex", "unix",
               "webmasters", "wordpress"]
-DATASET_ORDER = BEIR_15 + ["scifact-sample", "scifact50", "dl19", "dl20"]
+DATASET_ORDER = [*BEIR_15, "scifact-sample", "scifact50", "dl19", "dl20"]
 # METHOD.md §7: Anserini BM25 and QRHead Table 2 (Llama-3.1-8B, BM25 top-200), nDCG@10.
 REFERENCE = {
     "BM25 (Anserini)": {"scifact": 0.6789, "nfcorpus": 0.3218, "dl19": 0.5058, "dl20": 0.4796},
@@ -43,23 +43,44 @@ def dataset_group(name: str) -> str:
     return "cqadupstack" if str(name).startswith("cqadupstack") else str(name)
 
 
-def load_runs(uri: str, experiments: list[str]) -> pd.DataFrame:
+def load_runs(uri: str, experiments: list[str], per_cell: bool = True) -> pd.DataFrame:
+    """FINISHED runs, the newest per config (its identity's config hash) and, with per_cell, per (model, data set,
+    method) cell (per_cell=False keeps every config: the seeds and folds of a study).
+
+    The frame's `attrs["older_code"]` lists the configs whose store also holds FINISHED runs of other code versions
+    (the report never mixes them silently: only the newest run of a config is used)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=experiments, output_format="list")
     rows = []
     for r in runs:
-        if r.info.status != "FINISHED" or r.data.tags.get("sweep") == "parent":
+        tags = r.data.tags
+        if r.info.status != "FINISHED" or tags.get("sweep") == "parent":
             continue
-        p = r.data.params
-        rows.append({"run_id": r.info.run_id, "start": r.info.start_time, "model": p.get("model.name"),
-                     "dataset": p.get("data.name"), "method": method_label(p), "first_stage": first_stage_label(p),
-                     "params": p, "metrics": r.data.metrics, "queries": r.data.metrics.get("queries")})
+        if "corexp.labels" not in tags:
+            raise CorexpError(f"run {r.info.run_id} ({r.info.run_name}) has no corexp labels: it was logged by an older "
+                              "corexp; rerun it or report from another experiment")
+        labels = Labels.from_tags(tags)
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "start": r.info.start_time,
+                     "model": labels.model, "dataset": labels.dataset, "method": labels.method_label(),
+                     "first_stage": labels.first_stage, "labels": labels, "params": r.data.params,
+                     "metrics": r.data.metrics, "queries": r.data.metrics.get("queries"),
+                     "config_hash": tags.get("config_hash"), "code_digest": tags.get("code_digest")})
     if not rows:
         raise CorexpError(f"no FINISHED runs in experiment(s) {experiments} of {uri}")
     df = pd.DataFrame(rows).sort_values("start")
-    return df.groupby(["model", "dataset", "method"], as_index=False).last()  # latest run per cell
+    older = []
+    for _, g in df.groupby("config_hash"):
+        newest = g.iloc[-1]
+        old = g[g["code_digest"] != newest["code_digest"]]
+        if len(old):
+            older.append(f"{newest['run_name']}: {len(old)} older-code run(s) (code {', '.join(sorted(set(old['code_digest'])))}; "
+                         f"newest {newest['code_digest']}) not used")
+    latest = df.groupby("config_hash", as_index=False).last().sort_values("start")
+    out = latest.groupby(["model", "dataset", "method"], as_index=False).last() if per_cell else latest.reset_index(drop=True)
+    out.attrs["older_code"] = older
+    return out
 
 
 def per_query(run_id: str, cache: dict) -> pd.DataFrame:
@@ -69,6 +90,20 @@ def per_query(run_id: str, cache: dict) -> pd.DataFrame:
         path = mlflow.MlflowClient().download_artifacts(run_id, "per_query.csv")
         cache[run_id] = pd.read_csv(path, dtype={"query_id": str}).set_index("query_id")
     return cache[run_id]
+
+
+def per_query_or_none(run_id: str, run_name: str, cache: dict, unreadable: list[str]) -> pd.DataFrame | None:
+    """The run's per-query table; a run whose artifact cannot be read is named in `unreadable` (no test for it)."""
+    try:
+        return per_query(run_id, cache)
+    except (OSError, ValueError, KeyError) as err:
+        unreadable.append(f"{run_name} ({run_id}): per_query.csv unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        return None
+    except Exception as err:
+        if type(err).__name__ != "MlflowException":
+            raise
+        unreadable.append(f"{run_name} ({run_id}): per_query.csv missing ({str(err).splitlines()[0][:120]})")
+        return None
 
 
 def holm(pvalues: dict) -> dict:
@@ -90,7 +125,8 @@ def collapse_forums(values: dict[tuple[str, str], float]) -> dict[tuple[str, str
     return out
 
 
-def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", alpha: float = 0.05) -> dict[str, pd.DataFrame]:
+def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", alpha: float = 0.05,
+                 unreadable: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Per model: rows = first stages then methods, columns = data sets (+ BEIR-15 and avg), values x 100.
 
     baseline: "first-stage" tests each method against the first stage whose candidates it re-ranked; any other value
@@ -101,6 +137,7 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
     metric_key = safe_name(parse_measures([measure])[0])  # the name run.py logged
     col_rr, col_fs = f"rerank.{parse_measures([measure])[0]}", f"first_stage.{parse_measures([measure])[0]}"
     tables, cache = {}, {}
+    unreadable = unreadable if unreadable is not None else []
     for model, g in df.groupby("model"):
         values: dict[tuple[str, str], float] = {}
         queries: dict[tuple[str, str], pd.Series] = {}
@@ -110,12 +147,10 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
             values[(row["method"], ds)] = m.get(f"rerank.{metric_key}", np.nan)
             values.setdefault((fs, ds), m.get(f"first_stage.{metric_key}", np.nan))
             base_of[row["method"]] = fs
-            try:
-                pq = per_query(row["run_id"], cache)
+            pq = per_query_or_none(row["run_id"], row.get("run_name", row["run_id"]), cache, unreadable)
+            if pq is not None:
                 queries[(row["method"], ds)] = pq[col_rr]
                 queries.setdefault((fs, ds), pq[col_fs])
-            except Exception:  # noqa: BLE001 - a run without the artifact just gets no test
-                pass
         pvals = {}
         for (method, ds), series in queries.items():
             ref = base_of.get(method) if baseline == "first-stage" else baseline
@@ -208,23 +243,20 @@ def head_figure(df: pd.DataFrame, model: str, path: Path) -> Path | None:
     return path
 
 
-SWEEP_NEUTRAL = {"truncation.fraction": {"truncation.mode": "none"}, "heads.k": {"heads.k": "k"},
-                 "truncation.layers": {"truncation.mode": "none"}}
-
-
 def sweep_table(df: pd.DataFrame, key: str, measure: str) -> pd.DataFrame:
     """One row per (model, method, data set, value of `key`): kept layers, the measure, latency and peak memory, the
-    last three also relative to the row group's no-truncation / smallest-value point."""
+    last three also relative to the line's first point (the smallest value: no truncation for truncation.fraction).
+    Lines are named by the method without the swept setting (`CoRe-k8 τ=0.1 [trunc=fraction]`)."""
     metric = f"rerank.{safe_name(parse_measures([measure])[0])}"
+    group, _, setting = key.partition(".")
     rows = []
     for _, r in df.iterrows():
         if key not in r["params"]:
             continue
-        p = {**r["params"], **SWEEP_NEUTRAL.get(key, {})}
         m = r["metrics"]
-        rows.append({"model": r["model"], "method": method_label(p), "dataset": r["dataset"], key: float(r["params"][key]),
-                     "kept_layers": m.get("kept_layers"), measure: m.get(metric), "latency_s": m.get("latency_mean_s"),
-                     "peak_memory_mb": m.get("peak_memory_mb")})
+        rows.append({"model": r["model"], "method": r["labels"].method_label(group, setting), "dataset": r["dataset"],
+                     key: float(r["params"][key]), "kept_layers": m.get("kept_layers"), measure: m.get(metric),
+                     "latency_s": m.get("latency_mean_s"), "peak_memory_mb": m.get("peak_memory_mb")})
     if not rows:
         raise CorexpError(f"no finished run of this experiment logs '{key}'")
     t = pd.DataFrame(rows).sort_values(["model", "method", "dataset", key])
@@ -261,10 +293,22 @@ def sweep_figures(t: pd.DataFrame, key: str, measure: str, out: Path) -> list[Pa
     return paths
 
 
+def _notes(df: pd.DataFrame, unreadable: list[str]) -> list[str]:
+    """What the reader must know about the runs behind the tables: older code versions left out, unreadable artifacts."""
+    md = []
+    if df.attrs.get("older_code"):
+        md += ["\n## Configs with runs of older code\n", "Only each config's newest run is used; these also have runs of "
+               "other code versions (their `code_digest` tag):\n", *[f"- {x}" for x in df.attrs["older_code"]], ""]
+    if unreadable:
+        md += ["\n## Runs without per-query results\n", "No paired test for these runs:\n", *[f"- {x}" for x in unreadable], ""]
+    return md
+
+
 def write_report(uri: str, experiments: list[str], out: Path, measure: str, baseline: str = "first-stage",
-                 vs: str | None = None, expect: list[str] | None = None) -> list[Path]:
+                 vs: str | None = None, expect: list[str] | None = None) -> tuple[list[Path], str]:
     """Tables, figures and a Markdown report into the folder `out`; or, when `out` ends in .md, the Markdown there
-    and the other files into the folder of the same name beside it (docs/results.md + docs/results/)."""
+    and the other files into the folder of the same name beside it (docs/results.md + docs/results/). Returns the
+    files written and the Markdown (the CLI prints it)."""
     df = load_runs(uri, experiments)
     out = Path(out)
     md_path, link = (out, f"{out.stem}/") if out.suffix == ".md" else (out / "report.md", "")
@@ -277,11 +321,12 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
         md = [f"# {measure}, latency and peak memory against {vs} ({', '.join(experiments)})\n",
               "Relative columns: each value divided by the first point of its line (the smallest "
               f"{vs}, i.e. no truncation for truncation.fraction).\n", t.to_markdown(index=False, floatfmt=".4g"), ""]
-        md += [f"![{p.stem}]({link}{p.name})" for p in written]
+        md += [f"![{p.stem}]({link}{p.name})" for p in written] + _notes(df, [])
         t.to_csv(out / "sweep.csv", index=False)
         md_path.write_text("\n".join(md) + "\n")
-        return written + [out / "sweep.csv", md_path]
-    tables = build_tables(df, measure, baseline)
+        return [*written, out / "sweep.csv", md_path], "\n".join(md)
+    unreadable: list[str] = []
+    tables = build_tables(df, measure, baseline, unreadable=unreadable)
     base_text = "the first stage whose candidates it re-ranked" if baseline == "first-stage" else baseline
     md = [f"# {measure} by model ({', '.join(experiments)})\n",
           f"† significantly better than {base_text}, ‡ significantly worse (paired t-test over queries, Holm-corrected "
@@ -300,9 +345,10 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
             md.append(f"![{model} head layers]({link}{fig.name})\n")
     missing = missing_cells(df, expect)
     md += ["\n## Missing cells\n", "\n".join(f"- {m}" for m in missing) if missing else "None: every cell of the grid has a run.", ""]
+    md += _notes(df, unreadable)
     md_path.write_text("\n".join(md) + "\n")
     written.append(md_path)
-    return written
+    return written, "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
     try:
-        for p in write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs, args.expect):
-            print(p)
+        written, markdown = write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs,
+                                         args.expect)
+        print(markdown)
+        print("\nwritten:", *written, sep="\n  ")
     except CorexpError as err:
         print(f"corexp.report: error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,9 @@
-"""Attention re-ranker: one list-wise prompt, query-span attention of a head set, N/A calibration on the KV cache."""
+"""Attention re-ranker (METHOD.md §1-3): one list-wise prompt, query-span attention of a head set, N/A calibration.
+
+`AttentionReranker.score` returns the calibrated score of every candidate together with what it cost (`Scored`: the
+scores and the query's `QueryStats`), so callers never read statistics from a side channel; `rerank` returns the
+ranked (doc id, score) list of the public API.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ from corexp.attention import Readout, TreePass, recording, tree_pass
 from corexp.data import Document
 from corexp.errors import CorexpError
 from corexp.models import LoadedModel
+from corexp.prompt import EncodedPrompt, PromptBuilder, verify_spans
 from corexp.readout_cache import HeadTable, ReadoutCache
-from corexp.prompt import EncodedPrompt, encode, prepare_text, resolve_template, verify_spans, order_documents
 from corexp.scoring import document_scores, rank
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,8 @@ def heads_by_layer(heads: list[Head] | None) -> dict[int, list[int]] | None:
 
 
 @dataclass
-class PassStats:
-    """Tokens and seconds of each forward call of the last query (main pass(es), then the N/A pass)."""
+class QueryStats:
+    """What scoring one query cost: prompt tokens, each forward call's tokens and seconds, dropped candidates."""
 
     prompt_tokens: int = 0
     pass_tokens: list[int] = field(default_factory=list)
@@ -46,21 +51,25 @@ class PassStats:
     cached: bool = False  # the scores came from the read-out cache (no forward ran)
 
 
+@dataclass
+class Scored:
+    """Calibrated score per candidate (input order) and the query's statistics."""
+
+    scores: list[float]
+    stats: QueryStats
+
+
 class AttentionReranker:
     """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
 
     def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
                  instruction: str | None = None, one_pass: bool = True, readout_cache: ReadoutCache | None = None):
         self.lm = lm
-        self.readout_cache = readout_cache  # every head's token scores per prompt, reused by other head sets
         self.one_pass = one_pass  # real and N/A query in one forward (tree attention); False: N/A on the cached prefix
-        self.cfg = prompt_cfg
+        self.readout_cache = readout_cache  # every head's token scores per prompt, reused by other head sets
         self.heads = heads
-        self.template = resolve_template(template, lm.tokenizer, prompt_cfg)
-        self.instruction = instruction or prompt_cfg.instruction
-        self.stats = PassStats()
+        self.prompt = PromptBuilder(lm.tokenizer, prompt_cfg, template, lm.max_context, instruction)
         self._croppable: bool | None = None
-        self._events: list[Any] = []
         if heads is not None:
             bad = [h for h in heads if not (0 <= h[0] < lm.kept_layers and 0 <= h[1] < lm.num_heads)]
             if bad:
@@ -70,24 +79,23 @@ class AttentionReranker:
             if not heads:
                 raise CorexpError("the head set is empty; choose heads.k >= 1")
 
-    # -- prompt ---------------------------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.prompt.cfg
+
+    @property
+    def template(self) -> Any:
+        return self.prompt.template
+
+    @property
+    def instruction(self) -> str:
+        return self.prompt.instruction
+
     def doc_texts(self, docs: list[Document]) -> list[str]:
-        return [prepare_text(d.title, d.text, self.cfg.doc_field, self.cfg.max_words, self.cfg.get("word_split", "whitespace"),
-                             self.cfg.get("strip_text", "none")) for d in docs]
+        return self.prompt.doc_texts(docs)
 
     def encode(self, query: str, texts: list[str], query_id: str = "") -> tuple[EncodedPrompt, list[int]]:
-        """Encode with the configured order; if the prompt overflows the context, drop the lowest-ranked candidates."""
-        n = len(texts)
-        while True:
-            order = order_documents(list(range(n)), self.cfg.doc_order, self.cfg.seed, query_id)
-            enc = encode(self.lm.tokenizer, [texts[i] for i in order], query, self.cfg, self.template, self.instruction)
-            if enc.length <= self.lm.max_context:
-                return enc, order
-            if self.cfg.overflow != "reduce" or n == 1:
-                fix = "lower prompt.max_words" if n == 1 else "lower first_stage.depth or prompt.max_words, or set prompt.overflow=reduce"
-                raise CorexpError(f"prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context}); {fix}")
-            n -= 1
-            self.stats.dropped_docs += 1
+        return self.prompt.encode(query, texts, query_id)
 
     # -- forward passes -------------------------------------------------------------------------
     @property
@@ -99,14 +107,14 @@ class AttentionReranker:
         return self._croppable
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, start: int, end: int, cache, rec: Readout | None):
+    def _forward(self, ids: torch.Tensor, start: int, end: int, cache, rec: Readout | None, clock: _Clock):
         """Run tokens [start, end) of `ids` on top of `cache` (None: from scratch); the read-out records if given."""
-        with self._timed(end - start), recording(rec):
+        with clock.timed(end - start), recording(rec):
             out = self.lm.model(ids[:, start:end].to(self.lm.device), cache=cache, use_cache=True)
         return out.cache
 
     @torch.inference_mode()
-    def _tree_forward(self, enc: EncodedPrompt, na: EncodedPrompt, tree: TreePass) -> None:
+    def _tree_forward(self, enc: EncodedPrompt, na: EncodedPrompt, tree: TreePass, clock: _Clock) -> None:
         """One forward over [documents | real query | N/A query] with the N/A position ids continuing after the
         documents; the attention function keeps the two queries apart (attention.TreePass)."""
         n_na = na.q_end - na.q_start
@@ -115,25 +123,8 @@ class AttentionReranker:
         # A placeholder 4-D mask: models return a prepared mask as-is instead of building an n x n one; the attention
         # function applies the tree's own masks.
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.lm.device)
-        with self._timed(int(ids.shape[1])), tree_pass(tree):
+        with clock.timed(int(ids.shape[1])), tree_pass(tree):
             self.lm.model(ids, position_ids=pos, attention_mask=placeholder, use_cache=False)
-
-    @contextlib.contextmanager
-    def _timed(self, tokens: int):
-        """Record a forward's tokens and time: CUDA events on a GPU (no synchronize: the CPU runs ahead, e.g. tokenizes
-        the N/A prompt, while the GPU works; read out after the scores sync), wall time on a CPU."""
-        cuda = self.lm.device.type == "cuda"
-        t0 = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
-        if cuda:
-            t0.record()
-        yield
-        self.stats.pass_tokens.append(tokens)
-        if cuda:
-            t1 = torch.cuda.Event(enable_timing=True)
-            t1.record()
-            self._events.append((t0, t1))
-        else:
-            self.stats.pass_seconds.append(time.perf_counter() - t0)
 
     def _token_scores(self, rec: Readout, length: int) -> torch.Tensor:
         total = None
@@ -142,7 +133,7 @@ class AttentionReranker:
             total = s if total is None else total + s
         return total[:length].float().cpu()
 
-    def calibrated_scores(self, enc: EncodedPrompt, texts_in_order: list[str]) -> torch.Tensor:
+    def calibrated_scores(self, enc: EncodedPrompt, texts_in_order: list[str], stats: QueryStats) -> torch.Tensor:
         """c_j = s_j(q) - s_j("N/A") for the prefix tokens (where all documents are).
 
         Causal attention: the query rows never see the tokens after the query, so nothing runs past the query's end.
@@ -153,68 +144,67 @@ class AttentionReranker:
         """
         heads = heads_by_layer(self.heads)
         q_start = enc.q_start
-        self._events = []
+        clock = _Clock(self.lm.device, stats)
 
         def na_encoding():
-            na = encode(self.lm.tokenizer, texts_in_order, self.cfg.calibration_query, self.cfg, self.template, self.instruction)
+            na = self.prompt.encode_plain(texts_in_order, self.cfg.calibration_query)
             return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
 
         if self.one_pass:
             na, shared = na_encoding()
             if shared and self.readout_cache is not None:
-                return self._cached_scores(enc, na)
+                return self._cached_scores(enc, na, stats, clock)
             if shared:  # real and N/A query rows in one forward (tree attention): no second pass at all
                 real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
                 na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=q_start)
-                self._tree_forward(enc, na, TreePass(q_start, enc.q_end, real_rec, na_rec))
+                self._tree_forward(enc, na, TreePass(q_start, enc.q_end, real_rec, na_rec), clock)
                 scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)
-                self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+                clock.close()
                 return scores
         if self.croppable:
             real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
-            cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec)
+            cache = self._forward(enc.input_ids, 0, enc.q_end, None, real_rec, clock)
             na, shared = na_encoding()  # on a GPU this overlaps the pass just queued
             if shared:
                 cache.crop(q_start - enc.q_end)  # negative: drop the query tokens
         else:
             real_rec = Readout(heads, rows=(0, enc.q_end - q_start), past_len=q_start)
             na, shared = na_encoding()
-            prefix = self._forward(enc.input_ids, 0, q_start, None, None)
+            prefix = self._forward(enc.input_ids, 0, q_start, None, None, clock)
             cache = copy.deepcopy(prefix) if shared else None
-            self._forward(enc.input_ids, q_start, enc.q_end, prefix, real_rec)
+            self._forward(enc.input_ids, q_start, enc.q_end, prefix, real_rec, clock)
         if not shared:  # tokenization differs inside the prefix: the N/A prompt needs its own prefix pass
             log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
-            cache = self._forward(na.input_ids, 0, na.q_start, None, None)
+            cache = self._forward(na.input_ids, 0, na.q_start, None, None, clock)
         na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
-        self._forward(na.input_ids, na.q_start, na.q_end, cache, na_rec)
+        self._forward(na.input_ids, na.q_start, na.q_end, cache, na_rec, clock)
         scores = self._token_scores(real_rec, q_start) - self._token_scores(na_rec, q_start)  # synchronizes
-        self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+        clock.close()
         return scores
 
-    def _cached_scores(self, enc: EncodedPrompt, na: EncodedPrompt) -> torch.Tensor:
+    def _cached_scores(self, enc: EncodedPrompt, na: EncodedPrompt, stats: QueryStats, clock: _Clock) -> torch.Tensor:
         """c_j of this head set from the prompt's table of every head (readout_cache.py); computed once per prompt."""
         cache = self.readout_cache
         key = cache.key(enc.input_ids[0, :enc.q_end], na.input_ids[0, na.q_start:na.q_end], enc.q_start)
         table = cache.load(key)
         if table is not None and table.covers(self.heads, self.lm.kept_layers):
             cache.hits += 1
-            self.stats.cached = True
+            stats.cached = True
             return table.scores(self.heads, self.lm.kept_layers)
         real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
         na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
-        self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec))
+        self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
         labels, real = real_rec.head_matrix()
         _, calib = na_rec.head_matrix()
         table = HeadTable(labels, (real[:, :enc.q_start] - calib[:, :enc.q_start]).float().cpu())
-        self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self._events]
+        clock.close()
         cache.store(key, table)
         return table.scores(self.heads, self.lm.kept_layers)
 
     @torch.inference_mode()
     def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
         """One forward, no calibration: attention mass a_{l,h}(d) of every head on every document (input order)."""
-        texts = self.doc_texts(docs)
-        enc = encode(self.lm.tokenizer, texts, query, self.cfg, self.template, self.instruction)
+        enc = self.prompt.encode_plain(self.doc_texts(docs), query)
         if enc.length > self.lm.max_context:
             raise CorexpError(f"detection prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context})")
         rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
@@ -226,45 +216,75 @@ class AttentionReranker:
         return labels, masses.cpu()
 
     # -- public API -----------------------------------------------------------------------------
-    def score(self, query: str, docs: list[Document], query_id: str = "") -> list[float]:
-        """Calibrated attention score per document (input order); candidates dropped for length score below all others."""
+    def score(self, query: str, docs: list[Document], query_id: str = "") -> Scored:
+        """Calibrated attention score per document (input order) and the query's statistics; candidates dropped for
+        length score below all others."""
         if not query.strip():
             raise CorexpError("empty query text")
+        stats = QueryStats()
         if not docs:
-            return []
-        self.stats = PassStats()
+            return Scored([], stats)
         texts = self.doc_texts(docs)
         enc, order = self.encode(query, texts, query_id)
-        self.stats.prompt_tokens = enc.length
-        self.stats.span_mismatches = len(verify_spans(self.lm.tokenizer, enc))
-        c = self.calibrated_scores(enc, [texts[i] for i in order])
+        stats.prompt_tokens, stats.dropped_docs = enc.length, len(docs) - len(order)
+        stats.span_mismatches = len(verify_spans(self.lm.tokenizer, enc))
+        c = self.calibrated_scores(enc, [texts[i] for i in order], stats)
         in_prompt = document_scores(c, enc.doc_spans)
         scores = [0.0] * len(docs)
         for pos, idx in enumerate(order):
             scores[idx] = in_prompt[pos]
         if len(order) < len(docs):  # candidates dropped for context length rank after the scored ones
             floor = min(in_prompt) - 1.0
-            for k, idx in enumerate(range(len(order), len(docs))):
+            for k, idx in enumerate(sorted(set(range(len(docs))) - set(order))):
                 scores[idx] = floor - k
-        return scores
+        return Scored(scores, stats)
 
     def rerank(self, query: str, docs: list[Document] | list[tuple[str, str]] | list[str], query_id: str = "") -> list[tuple[str, float]]:
         """Ranked (doc id, score), best first. Accepts Documents, (id, text) pairs or plain texts (ids "0", "1", ...)."""
         norm = [
-            d if isinstance(d, Document) else Document(d[0], "", d[1]) if isinstance(d, tuple) else Document(str(i), "", d)
+            d if isinstance(d, Document) else Document(d[0], None, d[1]) if isinstance(d, tuple) else Document(str(i), None, d)
             for i, d in enumerate(docs)
         ]
-        scores = self.score(query, norm, query_id)
-        return rank([d.id for d in norm], scores)
+        return rank([d.id for d in norm], self.score(query, norm, query_id).scores)
+
+
+class _Clock:
+    """Tokens and time of each forward: CUDA events on a GPU (no synchronize: the CPU runs ahead, e.g. tokenizes the N/A
+    prompt, while the GPU works; read out after the scores sync), wall time on a CPU."""
+
+    def __init__(self, device: torch.device, stats: QueryStats):
+        self.cuda = device.type == "cuda"
+        self.stats = stats
+        self.events: list[Any] = []
+
+    @contextlib.contextmanager
+    def timed(self, tokens: int):
+        t0 = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            t0.record()
+        yield
+        self.stats.pass_tokens.append(tokens)
+        if self.cuda:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            self.events.append((t0, t1))
+        else:
+            self.stats.pass_seconds.append(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self.events]
+        self.events = []
 
 
 def build_reranker(model: str = "smollm2", heads: list[Head] | None = None, prompt: str = "core",
                    overrides: list[str] | None = None) -> AttentionReranker:
-    """Python API without Hydra's CLI: compose the packaged configs and load the model."""
+    """Python API without Hydra's CLI: compose the packaged configs, validate them as a job does, load the model (only the
+    layers up to the deepest given head)."""
     from corexp.config import compose_config
+    from corexp.job import Job
     from corexp.models import load_model
 
-    cfg = compose_config([f"model={model}", f"prompt={prompt}", *(overrides or [])])
+    job = Job.from_config(compose_config([f"model={model}", f"prompt={prompt}", *(overrides or [])]))
     keep = None if heads is None else max(layer for layer, _ in heads) + 1
-    lm = load_model(cfg.model, cfg.paths.cache_dir, keep_layers=keep)
-    return AttentionReranker(lm, cfg.prompt, heads=heads, template=cfg.model.template)
+    lm = load_model(job.cfg.model, job.cfg.paths.cache_dir, keep_layers=keep)
+    return AttentionReranker(lm, job.prompt_cfg, heads=heads, template=job.cfg.model.template)

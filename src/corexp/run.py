@@ -1,13 +1,13 @@
 """One job: data -> first stage -> head selection -> (truncated) model -> re-rank -> evaluate -> MLflow.
 
-`run_job` checks, skips finished configs, and opens the MLflow run; `rerank_pipeline` computes (no MLflow calls);
-`tracking.log_job` records what it computed.
+Each step takes and returns typed objects: `load_eval_data` -> `EvalData`, `select_heads` -> `HeadSelection`,
+`rerank_queries` -> `Reranking`, assembled into a `JobResult` by `rerank_pipeline` (no MLflow calls). `run_job` checks,
+skips finished identities, opens the MLflow run and has `tracking.log_job` record what was computed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,23 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from corexp import heads as H
 from corexp import tracking
 from corexp.data import IRDataset, load_dataset, select_queries
-from corexp.detection import detection_masses
+from corexp.detection import detection_table
 from corexp.errors import CorexpError
-from corexp.evaluation import evaluate, parse_measures
-from corexp.first_stage import candidates, first_stage_run
+from corexp.evaluation import Evaluation, evaluate
+from corexp.first_stage import Candidates
+from corexp.heads import HeadSelection, SelectionContext
+from corexp.job import Job
 from corexp.memory import PeakMemory
-from corexp.models import load_model, model_dims
-from corexp.prompt import for_dataset, for_detection
+from corexp.models import ModelInfo, load_model, load_tokenizer, model_info, resolve_device
+from corexp.prompt import PromptBuilder, for_detection
 from corexp.readout_cache import ReadoutCache
-from corexp.reranker import AttentionReranker
-from corexp.scoring import fuse, rank, trec_scores
-from corexp.validation import check_model_dims, ignored_overrides, validate
+from corexp.reranker import AttentionReranker, QueryStats
+from corexp.scoring import rank, trec_scores
 
 log = logging.getLogger(__name__)
 
@@ -43,184 +42,235 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keep_layers(cfg: DictConfig, n_layers: int, heads: list[H.Head] | None) -> int:
-    """Layers to load and run (METHOD.md §5); the values were validated before the job started."""
-    mode = cfg.truncation.mode
-    if mode == "auto":
-        return n_layers if heads is None else max(l for l, _ in heads) + 1
-    if mode == "fraction":
-        return max(1, math.floor((1 - float(cfg.truncation.fraction)) * n_layers))
-    if mode == "layers":
-        return int(cfg.truncation.layers)
-    return n_layers
+@dataclass(frozen=True)
+class EvalData:
+    """The evaluation queries and their first-stage candidates, evaluated."""
+
+    ds: IRDataset
+    qids: list[str]
+    candidates: Candidates
+    evaluation: Evaluation
 
 
-def prompt_for(cfg: DictConfig) -> Any:
-    """The prompt config as used on this job's data set (ICR's question instruction / text-only rule)."""
-    return for_dataset(cfg.prompt, cfg.data.name, bool(cfg.data.get("question_style")))
+@dataclass
+class Reranking:
+    """The re-ranked run, the raw score rows and each query's statistics."""
 
-
-def detection_table(cfg: DictConfig, eval_qids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-instance head masses and positive positions of this job's detection set (METHOD.md §4), cached by content."""
-    cache = Path(cfg.paths.cache_dir)
-    lm = load_model(cfg.model, cache)
-    det_prompt = for_detection(prompt_for(cfg), cfg.detection.get("max_words"))
-    det_rr = AttentionReranker(lm, det_prompt, None, cfg.model.template)
-    model_key = f"{cfg.model.name}:{lm.source}:{lm.sha256}:{cfg.model.dtype}"
-    return detection_masses(det_rr, set(eval_qids), cfg.detection, cfg.first_stage, cache, model_key, cfg.progress)
-
-
-def select_heads(cfg: DictConfig, eval_qids: list[str], dims: tuple[int, int]) -> tuple[list[H.Head] | None, dict[str, Any]]:
-    """The head set of this run and what to log about it (scores table, layer statistics)."""
-    metric, k = cfg.heads.metric, int(cfg.heads.k)
-    info: dict[str, Any] = {"metric": metric}
-    if metric == "all":
-        return None, info
-    if metric == "published":
-        return H.published_heads(cfg.model, k), info
-    if metric == "random":
-        return H.random_heads(dims[0], dims[1], k, int(cfg.heads.seed)), info
-    tau = float(cfg.heads.tau if cfg.heads.tau is not None else cfg.model.tau)
-    masses, pos = detection_table(cfg, eval_qids)
-    core, qr = H.core_scores(masses, pos, tau), H.qrhead_scores(masses, pos)
-    scores = core if metric == "core" else qr
-    info.update(scores=scores, tau=tau if metric == "core" else None, instances=int(masses.shape[0]),
-                jaccard_core_qrhead=H.jaccard(H.top_k(core, k), H.top_k(qr, k)))
-    return H.top_k(scores, k), info
+    run: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stats: list[QueryStats] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # queries that ran a forward (a read-out cache hit runs none)
 
 
 @dataclass
 class JobResult:
     """Everything a job computed; tracking.log_job turns it into MLflow params, metrics and artifacts."""
 
-    ds: IRDataset
-    qids: list[str]
-    first_stage_label: str
-    candidates: dict[str, list[tuple[str, float]]]
-    first_stage_eval: tuple[dict[str, float], dict[str, dict[str, float]]]
-    heads: list[H.Head] | None
-    head_info: dict[str, Any]
-    n_layers: int
-    n_heads: int
+    data: EvalData
+    selection: HeadSelection
+    model: ModelInfo
     kept_layers: int
-    heads_reselected: bool = False
-    model_source: str = ""
-    model_sha256: str | None = None
-    reranked: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
-    raw_rows: list[dict[str, Any]] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
-    forward_passes: list[int] = field(default_factory=list)
-    dropped: int = 0
-    span_mismatches: int = 0
-    cached_queries: int = 0
-    rerank_eval: tuple[dict[str, float], dict[str, dict[str, float]]] = ({}, {})
+    model_loaded: str  # the loaded model's description (gguf:<file>, hf:<id>, local:<folder>)
+    reranking: Reranking
+    evaluation: Evaluation
     peak_memory_mb: float = 0.0
     wall_time_s: float = 0.0  # the whole job: data, first stage, detection, model loading, re-ranking
     cpu_time_s: float = 0.0  # CPU seconds of this process over the same span (all threads)
 
 
-def rerank_pipeline(cfg: DictConfig, dims: tuple[int, int], on_data: Any = None) -> JobResult:
-    """Data, first stage, heads, truncated model, re-ranking and evaluation; no MLflow calls.
-
-    on_data(ds, label) is called once the evaluation data and the first stage are known (tracking tags them early,
-    so that a run that fails later still says what it was run on).
-    """
-    measures = parse_measures(list(cfg.data.measures))
-    cache = Path(cfg.paths.cache_dir)
+def load_eval_data(job: Job) -> EvalData:
+    cfg = job.cfg
     ds = load_dataset(cfg.data)
     qids = select_queries(ds, cfg.data.max_queries, cfg.data.get("query_ids"))
-    full_run, fs_label = first_stage_run(ds, qids, cfg.first_stage, cache, cfg.progress)
-    cands = candidates(full_run, int(cfg.first_stage.depth), bool(cfg.data.drop_self_hits))
-    if on_data is not None:
-        on_data(ds, fs_label)
-    n_full, n_heads = dims
-    heads, head_info = select_heads(cfg, qids, dims)
-    if heads is not None:
-        bad = [f"{l}-{h}" for l, h in heads if not (0 <= l < n_full and 0 <= h < n_heads)]
+    cands = job.first_stage.candidates(ds, qids, Path(cfg.paths.cache_dir), cfg.progress, bool(cfg.data.drop_self_hits))
+    return EvalData(ds, qids, cands, evaluate(ds.qrels, cands.top, job.measures))
+
+
+def model_key(job: Job, info: ModelInfo) -> str:
+    """The model's part of the detection cache key (its files' identity and precision), without loading its weights."""
+    return f"{job.cfg.model.name}:{info.description}:{info.sha256}:{job.cfg.model.dtype}"
+
+
+def detection(job: Job, eval_qids: list[str], info: ModelInfo):
+    """This job's detection table (METHOD.md §4): keyed by the tokenizer's prompts, the model loaded only to compute it."""
+    cfg = job.cfg
+    cache = Path(cfg.paths.cache_dir)
+    prompt_cfg = for_detection(job.prompt_cfg, cfg.detection.get("max_words"))
+    builder = PromptBuilder(load_tokenizer(cfg.model, cache), prompt_cfg, cfg.model.template)
+
+    def reranker() -> AttentionReranker:
+        return AttentionReranker(load_model(cfg.model, cache), prompt_cfg, None, cfg.model.template)
+
+    return detection_table(cfg.detection, builder, job.first_stage, set(eval_qids), cache, model_key(job, info),
+                           reranker, cfg.progress)
+
+
+def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadSelection, int]:
+    """The heads of this run and the layers to load (re-selecting where a truncation cut selected heads)."""
+    ctx = SelectionContext(info.n_layers, info.n_heads, job.model_tau, dict(job.cfg.model.get("published_heads") or {}),
+                           detection(job, eval_qids, info) if job.heads.needs_detection else None)
+    selection = job.heads.select(ctx)
+    if selection.heads is not None:
+        bad = [f"{l}-{h}" for l, h in selection.heads if not (0 <= l < info.n_layers and 0 <= h < info.n_heads)]
         if bad:
-            raise CorexpError(f"heads {bad[:3]} are outside the model ({n_full} layers x {n_heads} heads)")
-    keep = keep_layers(cfg, n_full, heads)
-    reselected = False
-    if heads is not None and max(l for l, _ in heads) >= keep:
-        if cfg.heads.metric == "published":
-            raise CorexpError(f"truncation keeps {keep} layers but published heads reach layer {max(l for l, _ in heads)}; use truncation=auto or none")
-        if "scores" in head_info:
-            heads = H.top_k(head_info["scores"], int(cfg.heads.k), max_layer=keep)
-        else:
-            heads = H.random_heads(keep, n_heads, int(cfg.heads.k), int(cfg.heads.seed))
+            raise CorexpError(f"heads {bad[:3]} are outside the model ({info.n_layers} layers x {info.n_heads} heads)")
+    keep = job.truncation.keep(info.n_layers, selection.deepest_layer)
+    selection2 = job.heads.reselect(selection, keep, ctx)
+    if selection2.reselected and not selection.reselected:
         log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
-        reselected = True
-    from corexp.models import resolve_device
-
-    with PeakMemory(str(resolve_device(cfg.model.device))) as memory:  # truncated model + re-ranking working memory
-        res = _rerank_all(cfg, ds, qids, cands, fs_label, measures, heads, head_info, (n_full, n_heads), keep, reselected)
-    res.peak_memory_mb = memory.peak_mb
-    return res
+    return selection2, keep
 
 
-def _rerank_all(cfg, ds, qids, cands, fs_label, measures, heads, head_info, dims, keep, reselected) -> JobResult:
-    lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
-    table_cache = ReadoutCache(cfg.paths.cache_dir, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}") \
-        if cfg.get("readout_cache") else None
-    rr = AttentionReranker(lm, prompt_for(cfg), heads, cfg.model.template, readout_cache=table_cache)
-    res = JobResult(ds, qids, fs_label, cands, evaluate(ds.qrels, cands, measures), heads, head_info, *dims,
-                    keep, reselected, lm.source, lm.sha256)
-    for qid in tqdm(qids, desc=f"re-rank {cfg.data.name} ({cfg.model.name})", disable=not cfg.progress):
-        cand = cands[qid]
+def rerank_queries(job: Job, data: EvalData, rr: AttentionReranker) -> Reranking:
+    out = Reranking()
+    cfg = job.cfg
+    for qid in tqdm(data.qids, desc=f"re-rank {cfg.data.name} ({cfg.model.name})", disable=not cfg.progress):
+        cand = data.candidates.top[qid]
         if not cand:
-            res.reranked[qid] = []
+            out.run[qid] = []
             continue
         ids = [d for d, _ in cand]
-        found = ds.docs.get_many(ids)
+        found = data.ds.docs.get_many(ids)
         missing = [d for d in ids if d not in found]
         if missing:
             raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but the corpus has no such id")
         t0 = time.perf_counter()
-        scores = rr.score(ds.queries[qid], [found[d] for d in ids], qid)
-        if rr.stats.cached:
-            res.cached_queries += 1
-        else:  # latency of queries that ran a forward (a read-out cache hit runs none)
-            res.latencies.append(time.perf_counter() - t0)
-        res.prompt_tokens.append(rr.stats.prompt_tokens)
-        res.forward_passes.append(len(rr.stats.pass_tokens))
-        res.dropped += rr.stats.dropped_docs
-        res.span_mismatches += rr.stats.span_mismatches
-        final = fuse(ids, scores, [s for _, s in cand], cfg.fusion.mode, float(cfg.fusion.alpha), int(cfg.fusion.rrf_k))
-        res.reranked[qid] = trec_scores(rank(ids, final))
-        res.raw_rows += [{"query_id": qid, "doc_id": d, "first_stage_rank": i + 1, "attention_score": scores[i],
-                          "final_score": final[i]} for i, d in enumerate(ids)]
-    res.rerank_eval = evaluate(ds.qrels, res.reranked, measures)
-    return res
+        scored = rr.score(data.ds.queries[qid], [found[d] for d in ids], qid)
+        if not scored.stats.cached:
+            out.latencies.append(time.perf_counter() - t0)
+        out.stats.append(scored.stats)
+        final = job.fusion.fuse(ids, scored.scores, [s for _, s in cand])
+        out.run[qid] = trec_scores(rank(ids, final))
+        out.rows += [{"query_id": qid, "doc_id": d, "first_stage_rank": i + 1, "attention_score": scored.scores[i],
+                      "final_score": final[i]} for i, d in enumerate(ids)]
+    return out
 
 
-def run_job(cfg: DictConfig) -> dict[str, float]:
-    """Run one configured job end to end and return its metrics."""
-    validate(cfg)  # before anything is loaded or any run is created
+def rerank_pipeline(job: Job, info: ModelInfo, on_data: Any = None) -> JobResult:
+    """Data, first stage, heads, truncated model, re-ranking and evaluation; no MLflow calls.
+
+    on_data(EvalData) is called once the evaluation data and the first stage are known (tracking tags them early, so
+    that a run that fails later still says what it was run on).
+    """
+    cfg = job.cfg
+    data = load_eval_data(job)
+    if on_data is not None:
+        on_data(data)
+    selection, keep = select_heads(job, data.qids, info)
+    with PeakMemory(str(resolve_device(cfg.model.device))) as memory:  # truncated model + re-ranking working memory
+        lm = load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
+        cache = ReadoutCache(cfg.paths.cache_dir, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}") \
+            if cfg.readout_cache else None
+        rr = AttentionReranker(lm, job.prompt_cfg, selection.heads, cfg.model.template, readout_cache=cache)
+        reranking = rerank_queries(job, data, rr)
+    return JobResult(data, selection, info, lm.kept_layers, lm.source, reranking,
+                     evaluate(data.ds.qrels, reranking.run, job.measures), memory.peak_mb)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a person wants to see at the end of a job (the CLI prints `text()`; `run_job` returns it)."""
+
+    run_name: str
+    run_id: str
+    measure: str
+    first_stage: float
+    rerank: float
+    p_value: float | None  # paired t-test over queries, re-ranker vs first stage
+    queries: int
+    wall_time_s: float
+    open_command: str
+    metrics: dict[str, float]
+    skipped: str = ""  # why the job did not compute (an identical FINISHED run)
+
+    def text(self) -> str:
+        lines = [f"corexp: {'skipped — ' + self.skipped if self.skipped else 'finished'}: {self.run_name}"]
+        if self.first_stage == self.first_stage:  # not NaN
+            diff = self.rerank - self.first_stage
+            p = "n/a" if self.p_value is None else f"{self.p_value:.3g}"
+            lines += [f"  {self.measure:<12} first stage {self.first_stage:.4f}   re-ranked {self.rerank:.4f}   "
+                      f"difference {diff:+.4f} (paired t-test p = {p}, {self.queries} queries)"]
+        lines += [f"  wall time {self.wall_time_s:.1f} s   run {self.run_id}", f"  open: {self.open_command}"]
+        return "\n".join(lines)
+
+
+def summarize(job: Job, run: Any, metrics: dict[str, float], per_query: Any = None, skipped: str = "") -> JobSummary:
+    """The end-of-job summary of an MLflow run (the primary measure is the first of data.measures)."""
+    from scipy.stats import ttest_rel
+
+    from corexp.evaluation import safe_name
+
+    measure = str(job.measures[0])
+    fs = metrics.get(f"first_stage.{safe_name(job.measures[0])}", float("nan"))
+    rr = metrics.get(f"rerank.{safe_name(job.measures[0])}", float("nan"))
+    p = None
+    if per_query is not None:
+        (_, a), (_, b) = per_query
+        qs = sorted(a)
+        x, y = [a[q][measure] for q in qs], [b.get(q, {}).get(measure, 0.0) for q in qs]
+        if len(qs) > 1 and x != y:
+            p = float(ttest_rel(y, x).pvalue)
+    return JobSummary(run.info.run_name, run.info.run_id, measure, fs, rr, p, int(metrics.get("queries", 0)),
+                      float(metrics.get("wall_time_s", 0.0)),
+                      tracking.open_command(str(job.cfg.tracking.uri), run.info.experiment_id, run.info.run_id),
+                      dict(metrics), skipped)
+
+
+def run_job(job: Job) -> JobSummary:
+    """Run one validated job end to end (unless its identity already has a FINISHED run) and summarize it."""
+    cfg = job.cfg
     seed_everything(int(cfg.seed))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parse_measures(list(cfg.data.measures))
-    overrides = tracking.job_overrides()
-    for warning in ignored_overrides(cfg, overrides):
+    for warning in job.ignored:
         log.warning(warning)
-    dims = model_dims(cfg.model, Path(cfg.paths.cache_dir))  # the model's config only (offline/gated ids fail here)
-    check_model_dims(cfg, *dims)
+    info = model_info(cfg.model, Path(cfg.paths.cache_dir))  # the model's config only (offline/gated ids fail here)
+    job.heads.check_dims(info.n_layers, info.n_heads)
+    job.truncation.check_dims(info.n_layers)
     mlflow = tracking.setup(cfg)
-    chash = tracking.config_hash(cfg)
-    previous = tracking.find_runs(mlflow, cfg.tracking.experiment, chash)
-    stale = tracking.fail_stale_runs(mlflow, previous)
-    if stale:
-        log.warning("marked %d stale RUNNING run(s) of this config FAILED", stale)
-    done = [r for r in previous if r.info.status == "FINISHED"]
-    if done and not cfg.get("force", False):
-        log.info("skipping: run %s already FINISHED this exact config (force=true reruns it)", done[0].info.run_id)
-        return dict(done[0].data.metrics)
-    with tracking.start_job_run(mlflow, cfg, chash, overrides) as active:
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = rerank_pipeline(cfg, dims, on_data=lambda ds, label: tracking.log_data(mlflow, cfg, ds, label))
-        result.wall_time_s, result.cpu_time_s = time.perf_counter() - wall, time.process_time() - cpu
-        metrics = tracking.log_job(mlflow, cfg, result, out_dir)
-        log.info("run %s (%s): %s", active.info.run_name, active.info.run_id,
-                 {k: round(v, 4) for k, v in metrics.items() if "." in k and not k.startswith("heads.")})
-    return metrics
+    identity = tracking.job_identity(job)
+    overrides = tracking.job_overrides()
+    stale_after = float(cfg.tracking.stale_after_s)
+    while True:
+        previous = tracking.find_runs(mlflow, cfg.tracking.experiment, identity.config_hash)
+        stale = tracking.fail_stale_runs(mlflow, previous, stale_after)
+        if stale:
+            log.warning("marked %d RUNNING run(s) of this config FAILED: their processes are gone", stale)
+        same = [r for r in previous if r.data.tags.get("code_digest") == identity.code_digest]
+        done = [r for r in same if r.info.status == "FINISHED"]
+        if done and not cfg.force:
+            run = done[0]
+            log.info("skipping: run %s already FINISHED this config with this code (force=true reruns it)", run.info.run_id)
+            return summarize(job, run, dict(run.data.metrics), skipped="the same config and code already FINISHED")
+        older = [r for r in previous if r.info.status == "FINISHED" and r.data.tags.get("code_digest") != identity.code_digest]
+        if older and not done:
+            log.info("rerunning: the code changed since run %s of this config (code %s -> %s)", older[0].info.run_id,
+                     older[0].data.tags.get("code_digest", "none"), identity.code_digest)
+        active = tracking.start_run(mlflow, job, identity, overrides)
+        if cfg.force:
+            break
+        running = [r for r in tracking.find_runs(mlflow, cfg.tracking.experiment, identity.config_hash)
+                   if r.info.status == "RUNNING" and r.data.tags.get("code_digest") == identity.code_digest
+                   and (r.info.run_id == active.info.run_id or tracking.run_is_alive(r, stale_after))]
+        first = tracking.earliest(running)
+        if first.info.run_id == active.info.run_id:
+            break
+        mlflow.end_run(status="KILLED")
+        mlflow.MlflowClient().delete_run(active.info.run_id)
+        log.info("run %s of the same config and code is running (host %s, pid %s): waiting for it, then skipping",
+                 first.info.run_id, first.data.tags.get("host"), first.data.tags.get("pid"))
+        tracking.wait_for(mlflow, first.info.run_id, stale_after)
+    try:
+        with tracking.heartbeat(mlflow, active.info.run_id):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = rerank_pipeline(job, info, on_data=lambda data: tracking.log_data(mlflow, job, data))
+            result.wall_time_s, result.cpu_time_s = time.perf_counter() - wall, time.process_time() - cpu
+            metrics = tracking.log_job(mlflow, job, result, out_dir)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+    summary = summarize(job, active, metrics, (result.data.evaluation, result.evaluation))
+    log.info("run %s (%s): %s", active.info.run_name, active.info.run_id,
+             {k: round(v, 4) for k, v in metrics.items() if "." in k and not k.startswith("heads.")})
+    return summary

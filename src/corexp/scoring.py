@@ -1,8 +1,15 @@
-"""Calibrated document scores (METHOD.md §3): c = s(q) - s("N/A"), mean-2σ mask, sum; ranking with tie-breaks."""
+"""Calibrated document scores (METHOD.md §3): c = s(q) - s("N/A"), mean-2σ mask, sum; ranking with tie-breaks;
+fusion with the first stage (one class per option of `fusion`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+
+from corexp.components import Component
+from corexp.settings import setting
 
 
 def document_scores(calibrated: torch.Tensor, spans: list[tuple[int, int]]) -> list[float]:
@@ -32,17 +39,53 @@ def minmax(values: list[float]) -> list[float]:
     return [0.0] * len(values) if hi == lo else [(v - lo) / (hi - lo) for v in values]
 
 
-def fuse(doc_ids: list[str], attn_scores: list[float], first_scores: list[float], mode: str, alpha: float, rrf_k: int) -> list[float]:
-    """Attention score fused with the first stage: linear on per-query min-max scores, or reciprocal-rank fusion."""
-    if mode == "none" or not doc_ids:
+class Fusion(Component):
+    """How the attention score is combined with the first stage's (one class per option of `fusion`)."""
+
+    def fuse(self, doc_ids: list[str], attn_scores: list[float], first_scores: list[float]) -> list[float]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NoFusion(Fusion):
+    """The attention score alone."""
+
+    name: ClassVar[str] = "none"
+
+    def fuse(self, doc_ids: list[str], attn_scores: list[float], first_scores: list[float]) -> list[float]:
         return list(attn_scores)
-    if mode == "linear":
+
+
+@dataclass(frozen=True)
+class LinearFusion(Fusion):
+    """alpha * minmax(attention score) + (1 - alpha) * minmax(first-stage score), per query."""
+
+    name: ClassVar[str] = "linear"
+    alpha: float = setting(0.5, ge=0, le=1, doc="weight of the attention score")
+
+    def fuse(self, doc_ids: list[str], attn_scores: list[float], first_scores: list[float]) -> list[float]:
+        if not doc_ids:
+            return []
         a, f = minmax(attn_scores), minmax(first_scores)
-        return [alpha * x + (1 - alpha) * y for x, y in zip(a, f)]
-    if mode == "rrf":
+        return [self.alpha * x + (1 - self.alpha) * y for x, y in zip(a, f)]
+
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        return "fusion=linear"
+
+
+@dataclass(frozen=True)
+class RRFFusion(Fusion):
+    """Reciprocal-rank fusion of the attention ranking and the first-stage ranking: sum of 1 / (rrf_k + rank)."""
+
+    name: ClassVar[str] = "rrf"
+    rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")
+
+    def fuse(self, doc_ids: list[str], attn_scores: list[float], first_scores: list[float]) -> list[float]:
         attn_rank = {d: r for r, (d, _) in enumerate(rank(doc_ids, attn_scores), 1)}
-        return [1 / (rrf_k + attn_rank[d]) + 1 / (rrf_k + i + 1) for i, d in enumerate(doc_ids)]
-    raise ValueError(f"unknown fusion mode '{mode}'")
+        return [1 / (self.rrf_k + attn_rank[d]) + 1 / (self.rrf_k + i + 1) for i, d in enumerate(doc_ids)]
+
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        return "fusion=rrf"
 
 
 def trec_scores(ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:

@@ -1,22 +1,33 @@
-"""MLflow tracking: one store, an experiment per study, flattened params, safe metric names, artifacts."""
+"""MLflow tracking: one store, an experiment per study, run identity, flattened params, safe metric names, artifacts.
+
+A run's identity is what it computes: the job's resolved config (corexp.job.Job.identity) *and* a digest of the code
+that computes results (the package's source files and the versions of the libraries that change numbers). A FINISHED
+run of the same identity is skipped; one of the same config but other code is rerun, and the reason is said in one
+line. A RUNNING run is failed only when its process is provably gone (same host and no such pid, or no heartbeat for
+`tracking.stale_after_s` on another host); two processes given the same identity at once agree on the earliest run,
+and the other waits for it and then skips.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import resource
+import socket
 import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from corexp.errors import CorexpError
-from corexp.labels import truncation_mode
-from corexp.validation import UNUSED_BY_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +57,18 @@ def setup(cfg: DictConfig) -> Any:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
         except (urllib.error.URLError, OSError) as err:
             raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({getattr(err, 'reason', err)}); fix tracking.uri") from None
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    lock = contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):  # jobs starting at once on a new store would create its tables concurrently
+        from corexp.cache import file_lock
+
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(db.parent / f".{db.name}.init.lock")
+    with lock:
+        return _open_experiment(mlflow, cfg, uri)
+
+
+def _open_experiment(mlflow: Any, cfg: DictConfig, uri: str) -> Any:
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
@@ -56,14 +77,14 @@ def setup(cfg: DictConfig) -> Any:
             art = art if not art or "://" in str(art) else Path(art).as_uri()
             try:
                 mlflow.create_experiment(cfg.tracking.experiment, artifact_location=art, tags=experiment_tags())
-            except Exception:  # noqa: BLE001 - a concurrent job created it first
+            except Exception:
                 if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
                     raise
         elif exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # experiments made by older versions
             for key, value in experiment_tags().items():
                 mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         mlflow.set_experiment(cfg.tracking.experiment)
-    except Exception as err:  # noqa: BLE001 - any backend failure means the store is unusable
+    except Exception as err:
         raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({type(err).__name__}); fix tracking.uri") from None
     return mlflow
 
@@ -73,7 +94,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # The columns a re-ranking study compares, as a shared view of the runs table (open it with ?viewStateShareKey=corexp).
 VIEW_KEY = "corexp"
 VIEW_COLUMNS = ["attributes.`Dataset`", "metrics.`rerank.nDCG_at_10`", "metrics.`first_stage.nDCG_at_10`", "metrics.`latency_mean_s`",
-                "metrics.`kept_layers`", "params.`heads.metric`", "params.`heads.k`", "params.`data.name`"]
+                "metrics.`kept_layers`", "tags.`method`", "params.`heads.name`", "params.`data.name`"]
 
 
 def experiment_tags() -> dict[str, str]:
@@ -101,53 +122,54 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def log_config(mlflow: Any, cfg: DictConfig) -> None:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("paths", None)  # where a job reads and writes, not what it computes (config.yaml keeps them)
-    params = {k: v[:6000] for k, v in flatten(container).items()}
+def log_config(mlflow: Any, job: Any) -> None:
+    """Params: the resolved config with the components as their own settings (Job.params); the full config as YAML."""
+    params = {k: v[:6000] for k, v in flatten(job.params()).items()}
     keys = list(params)
     for i in range(0, len(keys), 100):
         mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    mlflow.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()},
-                     "hostname": os.uname().nodename})
+    mlflow.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), "config.yaml")
+    mlflow.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()}})
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of a job: the resolved config minus where it writes (paths, tracking, hydra, progress/debug)."""
+# Libraries whose version changes the numbers a job computes (attention arithmetic, tokenization, retrieval, measures).
+NUMERIC_LIBRARIES = ("torch", "transformers", "tokenizers", "sentence-transformers", "bm25s", "PyStemmer", "ir_measures")
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over the package's source files and the versions of NUMERIC_LIBRARIES: changes when the code that
+    computes results changes (16 hex digits)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in NUMERIC_LIBRARIES:
+        try:
+            h.update(f"{name}=={version(name)}\0".encode())
+        except PackageNotFoundError:
+            h.update(f"{name}: absent\0".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """config_hash: what the job computes (its config); code_digest: with which code."""
+
+    config_hash: str
+    code_digest: str
+
+
+def config_hash(job: Any) -> str:
     from corexp.cache import stable_key
 
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "tracking", "hydra", "progress", "debug", "force", "dry_run", "readout_cache"):
-        container.pop(key, None)
-    return stable_key(_drop_unused(container))
+    return stable_key(job.identity())
 
 
-def _drop_unused(container: dict[str, Any]) -> dict[str, Any]:
-    heads = container.get("heads") or {}
-    metric = heads.get("metric")
-    for key in UNUSED_BY_METRIC.get(metric, ()):
-        heads.pop(key, None)
-    if metric in ("all", "published", "random"):  # no detection run
-        container.pop("detection", None)
-    first = container.get("first_stage")
-    if isinstance(first, dict):  # retrieval settings of the other first stages
-        source = first.get("source")
-        unused = [] if source == "hybrid" else ["rrf_k"]
-        if source not in ("dense", "hybrid"):
-            unused += ["encoder", "chunk_size"]
-        if source in ("dense",):
-            unused += ["k1", "b", "method", "stemmer", "stopwords"]
-        for key in unused:
-            first.pop(key, None)
-    trunc = container.get("truncation")
-    if isinstance(trunc, dict):
-        if "mode" in trunc:
-            trunc["mode"] = truncation_mode(metric, trunc["mode"])
-        used = {"fraction": ("fraction",), "layers": ("layers",)}.get(trunc.get("mode"), ())
-        for key in [k for k in trunc if k != "mode" and k not in used]:
-            trunc.pop(key)
-    return container
+def job_identity(job: Any) -> Identity:
+    return Identity(config_hash(job), code_digest())
 
 
 # Overrides that say where a job reads or writes, not what it computes: left out of run names.
@@ -155,15 +177,14 @@ _NAME_NOISE = ("paths.", "tracking.", "hydra.", "progress", "debug", "force", "e
 _NAME_NOISE_SUFFIX = ("local_dir", ".path", "run_file", "cache_dir")
 
 
-def run_name(mlflow: Any, cfg: DictConfig, overrides: list[str]) -> str:
+def run_name(mlflow: Any, job: Any, overrides: list[str]) -> str:
     """A readable name, unique in the experiment: `smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample`.
 
-    It names what the job computes (labels.run_name) plus any setting its sweep varies that the name would not
-    otherwise show; an existing run of the same name (a forced rerun) gets ` #2`, ` #3`, ... Never drawn from the
-    seeded RNG (seeding Python's random made MLflow's own random names collide).
+    It names what the job computes (Job.labels) plus any setting its sweep varies that the name would not otherwise
+    show; an existing run of the same name (a forced rerun) gets ` #2`, ` #3`, ... Never drawn from the seeded RNG
+    (seeding Python's random made MLflow's own random names collide).
     """
-    from corexp.labels import run_name as describe
-
+    cfg = job.cfg
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
     swept = set(sweep_keys())
@@ -173,7 +194,7 @@ def run_name(mlflow: Any, cfg: DictConfig, overrides: list[str]) -> str:
         bare = key.lstrip("+~")
         if bare in swept and not bare.startswith(_NAME_NOISE) and not bare.endswith(_NAME_NOISE_SUFFIX):
             varying[bare] = value
-    name = describe(flatten(OmegaConf.to_container(cfg, resolve=True)), varying)
+    name = job.labels().run_name(varying)
     taken = {r.info.run_name for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
                                                          filter_string=f"attributes.run_name LIKE '{_like(name)}%'")}
     unique, n = name, 1
@@ -193,14 +214,83 @@ def find_runs(mlflow: Any, experiment: str, chash: str) -> list[Any]:
                               output_format="list")
 
 
-def fail_stale_runs(mlflow: Any, runs: list[Any]) -> int:
-    """Runs left RUNNING by a killed job (same config): mark them FAILED so the store tells the truth."""
+HEARTBEAT_S = 30.0  # a RUNNING job refreshes its heartbeat tag this often
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def run_is_alive(run: Any, stale_after_s: float, now: float | None = None) -> bool:
+    """A RUNNING run's process is alive unless provably gone: on this host, no process with its pid; elsewhere, no
+    heartbeat (or start, for runs without one) for `stale_after_s` seconds."""
+    tags = run.data.tags
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        return pid_alive(int(tags["pid"]))
+    last = float(tags.get("heartbeat") or run.info.start_time / 1000)
+    return (now or time.time()) - last < stale_after_s
+
+
+def fail_stale_runs(mlflow: Any, runs: list[Any], stale_after_s: float) -> int:
+    """RUNNING runs whose process is provably gone (killed jobs): mark them FAILED so the store tells the truth."""
     client = mlflow.MlflowClient()
-    stale = [r for r in runs if r.info.status == "RUNNING"]
+    stale = [r for r in runs if r.info.status == "RUNNING" and not run_is_alive(r, stale_after_s)]
     for r in stale:
         client.set_terminated(r.info.run_id, status="FAILED")
-        client.set_tag(r.info.run_id, "failure", "stale RUNNING run of a killed job")
+        client.set_tag(r.info.run_id, "failure", "stale RUNNING run: its process is gone")
     return len(stale)
+
+
+@contextlib.contextmanager
+def heartbeat(mlflow: Any, run_id: str, every_s: float = HEARTBEAT_S):
+    """Refresh the run's `heartbeat` tag while the body runs (other hosts tell a live job from a killed one by it)."""
+    stop = threading.Event()
+    client = mlflow.MlflowClient()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a missed beat only makes the run look older to other hosts
+                client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def wait_for(mlflow: Any, run_id: str, stale_after_s: float, poll_s: float = 2.0) -> None:
+    """Block while another process's run is RUNNING and alive (it is failed here once provably gone)."""
+    client = mlflow.MlflowClient()
+    while True:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING" or run.info.lifecycle_stage == "deleted":
+            return
+        if not run_is_alive(run, stale_after_s):
+            fail_stale_runs(mlflow, [run], stale_after_s)
+            return
+        time.sleep(poll_s)
+
+
+def open_command(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to look at a run in the MLflow UI."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000   # then http://127.0.0.1:5000/{page}"
+
+
+def earliest(runs: list[Any]) -> Any:
+    """The run every process agrees computes an identity: the earliest started (ties: the smaller run id)."""
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 PARENT_FILE = "mlflow_parent_run_id"
@@ -241,22 +331,25 @@ def job_overrides() -> list[str]:
         return []
 
 
-@contextlib.contextmanager
-def start_job_run(mlflow: Any, cfg: DictConfig, chash: str, overrides: list[str]):
-    """The job's MLflow run (a child of the sweep's parent run in a multirun), with the config logged first."""
-    with mlflow.start_run(run_name=run_name(mlflow, cfg, overrides), parent_run_id=sweep_parent_id(cfg),
-                          tags={"config_hash": chash, "overrides": " ".join(overrides), "model": cfg.model.name,
-                                "method": cfg.heads.metric, "dataset": cfg.data.name}) as active:
-        log_config(mlflow, cfg)
-        yield active
+def start_run(mlflow: Any, job: Any, identity: Identity, overrides: list[str]) -> Any:
+    """The job's MLflow run (a child of the sweep's parent run in a multirun), RUNNING, tagged with its identity,
+    host, pid and a first heartbeat; the config is logged at once."""
+    cfg = job.cfg
+    tags = {"config_hash": identity.config_hash, "code_digest": identity.code_digest, "overrides": " ".join(overrides),
+            "host": socket.gethostname(), "pid": str(os.getpid()), "heartbeat": f"{time.time():.0f}",
+            **job.labels().as_tags()}
+    active = mlflow.start_run(run_name=run_name(mlflow, job, overrides), parent_run_id=sweep_parent_id(cfg), tags=tags)
+    log_config(mlflow, job)
+    return active
 
 
-def log_data(mlflow: Any, cfg: DictConfig, ds: Any, first_stage_label: str) -> None:
+def log_data(mlflow: Any, job: Any, data: Any) -> None:
     """Tags and an MLflow dataset input (name, digest, source): the runs table's Dataset column and filter."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    mlflow.set_tags({"dataset": cfg.data.name, "first_stage": first_stage_label})
+    cfg, ds = job.cfg, data.ds
+    mlflow.set_tags({"dataset": cfg.data.name, "first_stage": data.candidates.provenance})
     source = ds.meta.get("source", cfg.data.name)
     uri = source if "://" in source else ("https://ir-datasets.com/" + source.split("/")[0] + ".html"
                                            if not source.startswith("/") else Path(source).as_uri())
@@ -264,7 +357,7 @@ def log_data(mlflow: Any, cfg: DictConfig, ds: Any, first_stage_label: str) -> N
     mlflow.log_input(MetaDataset(HTTPDatasetSource(uri), name=cfg.data.name, digest=digest), context="evaluation")
 
 
-def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, float]:
+def log_job(mlflow: Any, job: Any, res: Any, out_dir: Path) -> dict[str, float]:
     """Metrics, head artifacts, TREC runs and per-query tables of one finished job."""
     import numpy as np
     import pandas as pd
@@ -273,61 +366,67 @@ def log_job(mlflow: Any, cfg: DictConfig, res: Any, out_dir: Path) -> dict[str, 
     from corexp.data import write_trec_run
     from corexp.evaluation import safe_name
 
-    if res.heads_reselected:
+    sel = res.selection
+    if sel.reselected:
         mlflow.set_tag("heads_reselected", "true")
-    mlflow.set_tags({"model_source": res.model_source, "model_sha256": res.model_sha256 or "n/a"})
-    log_heads(mlflow, res.heads, res.head_info, res.n_layers, res.n_heads, out_dir, cfg)
-    (fs_means, fs_per_query), (rr_means, rr_per_query) = res.first_stage_eval, res.rerank_eval
+    mlflow.set_tags({"model_source": res.model_loaded, "model_sha256": res.model.sha256 or "n/a"})
+    log_heads(mlflow, job, res, out_dir)
+    fs, rr = res.data.evaluation, res.evaluation
     metrics: dict[str, float] = {}
     names = {}
-    for prefix, means in (("first_stage", fs_means), ("rerank", rr_means)):
+    for prefix, means in (("first_stage", fs.means), ("rerank", rr.means)):
         for m, v in means.items():
             names[f"{prefix}.{m}"] = f"{prefix}.{safe_name(m)}"
             metrics[f"{prefix}.{safe_name(m)}"] = v
-    if res.latencies:
-        lat = np.array(res.latencies)
+    stats, lat = res.reranking.stats, np.array(res.reranking.latencies)
+    if lat.size:
         metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
                         "latency_p95_s": float(np.percentile(lat, 95))})
-    if res.prompt_tokens:
-        metrics.update({"prompt_tokens_mean": float(np.mean(res.prompt_tokens)), "readout_cache_hits": float(res.cached_queries),
-                        "forward_passes_mean": float(np.mean(res.forward_passes)),
-                        "queries": float(len(res.qids)), "dropped_candidates": float(res.dropped),
-                        "span_mismatches": float(res.span_mismatches), "kept_layers": float(res.kept_layers),
+    if stats:
+        metrics.update({"prompt_tokens_mean": float(np.mean([s.prompt_tokens for s in stats])),
+                        "readout_cache_hits": float(sum(s.cached for s in stats)),
+                        "forward_passes_mean": float(np.mean([len(s.pass_tokens) for s in stats])),
+                        "queries": float(len(res.data.qids)), "dropped_candidates": float(sum(s.dropped_docs for s in stats)),
+                        "span_mismatches": float(sum(s.span_mismatches for s in stats)), "kept_layers": float(res.kept_layers),
                         "peak_memory_mb": float(res.peak_memory_mb),  # this job's model + re-ranking, above its start
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if torch.cuda.is_available():
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     metrics.update({"wall_time_s": float(res.wall_time_s), "cpu_time_s": float(res.cpu_time_s)})
+    if res.model.parameters:
+        metrics["model_parameters"] = float(res.model.parameters)
     mlflow.log_metrics(metrics)
-    write_trec_run(res.reranked, out_dir / "rerank.trec", f"corexp-{cfg.heads.metric}")
-    write_trec_run(res.candidates, out_dir / "first_stage.trec", res.first_stage_label)
-    pq = pd.DataFrame([{"query_id": q, **{f"first_stage.{m}": fs_per_query[q][m] for m in fs_per_query[q]},
-                        **{f"rerank.{m}": rr_per_query.get(q, {}).get(m, 0.0) for m in fs_per_query[q]}}
-                       for q in sorted(fs_per_query)])
+    write_trec_run(res.reranking.run, out_dir / "rerank.trec", f"corexp-{job.heads.name}")
+    write_trec_run(res.data.candidates.top, out_dir / "first_stage.trec", res.data.candidates.provenance)
+    pq = pd.DataFrame([{"query_id": q, **{f"first_stage.{m}": fs.per_query[q][m] for m in fs.per_query[q]},
+                        **{f"rerank.{m}": rr.per_query.get(q, {}).get(m, 0.0) for m in fs.per_query[q]}}
+                       for q in sorted(fs.per_query)])
     pq.to_csv(out_dir / "per_query.csv", index=False)
-    pd.DataFrame(res.raw_rows).to_csv(out_dir / "scores.csv", index=False)
+    pd.DataFrame(res.reranking.rows).to_csv(out_dir / "scores.csv", index=False)
     (out_dir / "metric_names.json").write_text(json.dumps(names, indent=1))
     for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv", "metric_names.json"):
         mlflow.log_artifact(str(out_dir / f))
     return metrics
 
 
-def log_heads(mlflow: Any, heads, info: dict[str, Any], n_layers: int, n_heads: int, out_dir: Path, cfg: DictConfig) -> None:
+def log_heads(mlflow: Any, job: Any, res: Any, out_dir: Path) -> None:
     import pandas as pd
 
     from corexp import heads as H
     from corexp.plots import heads_histogram, score_heatmap
 
-    if heads is None:
+    sel, n_layers, n_heads = res.selection, res.model.n_layers, res.model.n_heads
+    if sel.heads is None:
         mlflow.log_param("selected_heads", "all")
         return
+    heads = sel.heads
     mlflow.log_param("selected_heads", H.format_heads(heads))
     mlflow.log_metrics({f"heads.{k}": v for k, v in H.layer_stats(heads, n_layers).items()})
-    if "jaccard_core_qrhead" in info:  # overlap of the two metrics' top-k on the same detection data
-        mlflow.log_metric("heads.jaccard_core_vs_qrhead", info["jaccard_core_qrhead"])
-    title = f"{cfg.model.name} {cfg.heads.metric} top-{len(heads)}"
+    if sel.jaccard_core_qrhead is not None:  # overlap of the two metrics' top-k on the same detection data
+        mlflow.log_metric("heads.jaccard_core_vs_qrhead", sel.jaccard_core_qrhead)
+    title = f"{job.cfg.model.name} {job.heads.name} top-{len(heads)}"
     mlflow.log_artifact(str(heads_histogram(heads, n_layers, out_dir / "heads_per_layer.png", title)))
-    scores = info.get("scores")
+    scores = sel.scores
     selected = set(heads)
     table = [{"layer": l, "head": h, "score": float(scores[l, h]), "selected": (l, h) in selected}
              for l in range(n_layers) for h in range(n_heads)] if scores is not None else \
@@ -336,6 +435,6 @@ def log_heads(mlflow: Any, heads, info: dict[str, Any], n_layers: int, n_heads: 
     mlflow.log_artifact(str(out_dir / "head_scores.csv"))
     if scores is not None:
         mlflow.log_artifact(str(score_heatmap(scores, heads, out_dir / "head_scores.png", title)))
-        sel = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
-        mlflow.log_dict({"metric": info["metric"], "tau": info.get("tau"), "instances": info.get("instances"), "heads": sel},
+        detail = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
+        mlflow.log_dict({"metric": sel.metric, "tau": sel.tau, "instances": sel.instances, "heads": detail},
                         "selected_heads.json")

@@ -1,0 +1,99 @@
+"""Runs you can trust: a run's identity includes the code that computed it; live runs are never failed; two processes
+given one config compute it once."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+
+from corexp import tracking
+
+from tiny_models import save_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def job_args(tiny, tmp_path, *extra):
+    return [f"model.path={tiny}", "model.gguf=null", "model.template=plain", "model.name=tiny", "prompt.max_words=20",
+            "data.max_queries=3", "first_stage.depth=4", "heads=random", "heads.k=3", "progress=false",
+            f"paths.cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/m.db", *extra]
+
+
+def cli(args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "corexp", *args], capture_output=True, text=True, timeout=900,
+                          env=env or dict(os.environ), cwd=cwd)
+
+
+def runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    return mlflow.search_runs(experiment_names=["corexp"], output_format="list")
+
+
+def test_a_code_change_reruns_the_config_and_unchanged_code_skips(tmp_path, tiny):
+    """A copy of the package (src/corexp + conf) stands for a checkout: editing one of its source files changes the
+    runs' identity; the rerun says why in one line, and a third run with the same code skips."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "src" / "corexp", checkout / "src" / "corexp", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", checkout / "conf")
+    env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
+    args = job_args(tiny, tmp_path, f"hydra.run.dir={tmp_path}/out")
+    first = cli(args, env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (digest_a,) = {r.data.tags["code_digest"] for r in runs(tmp_path)}
+    with open(checkout / "src" / "corexp" / "scoring.py", "a") as fh:
+        fh.write("\n# a change to the code that computes results\n")
+    second = cli(args, env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    said = second.stdout + second.stderr
+    assert "rerunning: the code changed since run" in said and f"(code {digest_a} -> " in said
+    third = cli(args, env, cwd=tmp_path)
+    assert third.returncode == 0 and "already FINISHED this config with this code" in third.stdout + third.stderr
+    assert "corexp: skipped" in third.stdout
+    finished = [r for r in runs(tmp_path) if r.info.status == "FINISHED"]
+    assert len(finished) == 2 and len({r.data.tags["code_digest"] for r in finished}) == 2
+    assert len({r.data.tags["config_hash"] for r in finished}) == 1
+
+
+def test_two_processes_on_one_config_compute_it_once(tmp_path, tiny):
+    """Launched at the same moment: one computes, the other waits for it and then skips; no FAILED run."""
+    procs = [subprocess.Popen([sys.executable, "-m", "corexp", *job_args(tiny, tmp_path, f"hydra.run.dir={tmp_path}/o{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    stored = runs(tmp_path)
+    assert [r.info.status for r in stored] == ["FINISHED"]
+    logs = [o + e for o, e in outs]
+    waited = [log for log in logs if "waiting for it, then skipping" in log]
+    computed = [log for log in logs if "corexp: finished:" in log]
+    assert len(computed) == 1 and (len(waited) == 1 or sum("skipped" in log for log in logs) == 1), logs
+
+
+def fake_run(start_s, host, pid=None, heartbeat=None, status="RUNNING"):
+    tags = {"host": host, **({"pid": str(pid)} if pid is not None else {}), **({"heartbeat": str(heartbeat)} if heartbeat else {})}
+    return SimpleNamespace(info=SimpleNamespace(start_time=int(start_s * 1000), run_id=f"r{start_s}", status=status),
+                           data=SimpleNamespace(tags=tags))
+
+
+def test_a_running_run_is_failed_only_when_its_process_is_provably_gone():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now, here = time.time(), socket.gethostname()
+    assert tracking.run_is_alive(fake_run(now - 9999, here, os.getpid()), 600, now)  # old, but its process lives
+    assert not tracking.run_is_alive(fake_run(now - 1, here, dead.pid), 600, now)  # new, but its process is gone
+    assert tracking.run_is_alive(fake_run(now - 9999, "node7", 1, heartbeat=now - 60), 600, now)  # heartbeat 1 min ago
+    assert not tracking.run_is_alive(fake_run(now - 9999, "node7", 1, heartbeat=now - 601), 600, now)
+    assert not tracking.run_is_alive(fake_run(now - 700, "node7"), 600, now)  # no heartbeat: its start counts
+    first, second = fake_run(10, here), fake_run(11, here)
+    assert tracking.earliest([second, first]) is first
