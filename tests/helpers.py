@@ -13,23 +13,31 @@ def compose_cfg(overrides=(), return_hydra_config=False):
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, *extra: str, command: str = "server"):
-    """A real `mlflow server` (or `mlflow ui`) on a free loopback port; yields its base URL once /health answers."""
+def mlflow_server(backend_uri: str, *extra: str, command: str = "server", log_file=None):
+    """A real `mlflow server` (or `mlflow ui`) on a free loopback port; yields its base URL once /health answers.
+    The server's own output goes to `log_file` (shown if it never becomes healthy)."""
+    import tempfile
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(log_file, "w+") if log_file else tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri", backend_uri, "--host",
-                             "127.0.0.1", "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "127.0.0.1", "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        deadline = time.time() + 240
+        while True:
             try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
                 break
             except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"mlflow {command} never became healthy:\n{log.read()[-3000:]}") from None
                 time.sleep(1)
         yield base
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()

@@ -69,7 +69,7 @@ def test_submitit_local_sweep_parent_children_resume_and_failure(tmp_path, tiny)
 @pytest.fixture()
 def server(tmp_path):
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "served-artifacts"),
-                       "--workers", "2") as uri:
+                       "--workers", "2", log_file=tmp_path / "server.log") as uri:
         yield uri
 
 
@@ -79,7 +79,8 @@ def test_parallel_sweep_logs_to_a_tracking_server(tmp_path, tiny, server):
                      "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=4", *tiny_args(tiny, tmp_path),
                      "heads=random", "heads.k=2,3,4,5")
     print(f"4-worker sweep against the server: {secs:.0f} s")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    server_log = (tmp_path / "server.log").read_text()[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n--- server log ---\n" + server_log
     mlflow.set_tracking_uri(server)
     runs = mlflow.search_runs(experiment_names=["corexp"], output_format="list")
     children = [r for r in runs if r.data.tags.get("sweep") != "parent"]

@@ -132,3 +132,33 @@ def test_data_dir_points_every_dataset_at_its_local_folder(tmp_path, monkeypatch
     assert compose_cfg(["data=dl19"]).data.local_dir is None  # no such folder: ir_datasets as before
     monkeypatch.delenv("COREXP_DATA_DIR")
     assert compose_cfg(["data=scifact"]).data.local_dir is None
+
+
+def test_modules_import_without_cycles():
+    """The layering the README states: no chain of corexp imports (top-level or inside functions) returns to its start."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "src" / "corexp"
+    graph = {}
+    for f in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("corexp"):
+                parts = node.module.split(".")
+                deps |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        graph[f.stem] = deps - {f.stem}
+    state, cycles = {}, []
+
+    def visit(module, stack):
+        state[module] = "open"
+        for dep in graph.get(module, ()):
+            if state.get(dep) == "open":
+                cycles.append([*stack[stack.index(dep):], dep])
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

@@ -47,7 +47,7 @@ def options(group: str) -> dict[str, type]:
     """Option name -> class, read from conf/<group>/*.yaml (`_target_`)."""
     import hydra.utils
 
-    from corexp.config import config_dir
+    from corexp.locations import config_dir
 
     out = {}
     for path in sorted(Path(config_dir(), group).glob("[!_]*.yaml")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -10,18 +9,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from corexp.locations import PACKAGE_DIR, RESOURCES_DIR, config_dir, project_root  # noqa: F401 - re-exported
 from corexp.settings import setting
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-RESOURCES_DIR = PACKAGE_DIR / "resources"
-
-
-def config_dir() -> Path:
-    """conf/ of a source checkout (editable install), else the copy shipped inside the package."""
-    for candidate in (PACKAGE_DIR.parents[1] / "conf", PACKAGE_DIR / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("corexp config tree not found (expected conf/config.yaml)")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> Any:
@@ -32,12 +21,6 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=normalize_overrides(list(overrides)), return_hydra_config=return_hydra_config)
-
-
-def project_root() -> Path:
-    """The folder holding conf/: run folders and the MLflow store live here, whatever the working directory."""
-    env = os.environ.get("COREXP_ROOT")
-    return Path(env).resolve() if env else config_dir().parent
 
 
 def data_folder(data_dir: str | None, name: str) -> str | None:

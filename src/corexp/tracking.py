@@ -50,13 +50,7 @@ def setup(cfg: DictConfig) -> Any:
 
     uri = str(cfg.tracking.uri)
     if uri.startswith(("http://", "https://")):  # fail fast instead of MLflow's minutes of retries
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
-        except (urllib.error.URLError, OSError) as err:
-            raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({getattr(err, 'reason', err)}); fix tracking.uri") from None
+        _check_server(uri)
     lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):  # jobs starting at once on a new store would create its tables concurrently
         from corexp.cache import file_lock
@@ -66,6 +60,24 @@ def setup(cfg: DictConfig) -> Any:
         lock = file_lock(db.parent / f".{db.name}.init.lock")
     with lock:
         return _open_experiment(mlflow, cfg, uri)
+
+
+def _check_server(uri: str, attempts: int = 3, timeout_s: float = 10.0) -> None:
+    """The server answers /health. A refused connection fails at once; a server too busy to answer within timeout_s
+    (its workers and the jobs sharing a loaded machine) gets `attempts` tries before the job gives up."""
+    import urllib.error
+    import urllib.request
+
+    for attempt in range(attempts):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+            return
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            refused = isinstance(reason, ConnectionRefusedError) or "refused" in str(reason).lower()
+            if refused or attempt == attempts - 1:
+                raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({reason}); fix tracking.uri") from None
+            time.sleep(1.0)
 
 
 def _open_experiment(mlflow: Any, cfg: DictConfig, uri: str) -> Any:
