@@ -93,10 +93,9 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> Job:
         from corexp.validation import validate
 
-        validate(cfg)
         built = {group: build(cfg[group], group) for group in ("heads", "first_stage", "truncation", "fusion")}
         components = {group: b.component for group, b in built.items()}
-        validate(cfg, components)  # values of the components' own settings (e.g. from experiment files)
+        validate(cfg, components)  # once: every setting, the components' own included (e.g. from experiment files)
         ignored = []
         for group, b in built.items():
             hint = getattr(b.component, "ignored_hint", "")
