@@ -119,3 +119,34 @@ def test_unreachable_tracking_uri_and_unwritable_cache(tmp_path):
         ro.write_text("x")
     with pytest.raises(CorexpError, match="not writable"):
         ensure_writable_dir(ro / "cache")
+
+
+def test_a_busy_tracking_server_is_waited_for_and_a_refused_one_fails_at_once(tmp_path):
+    """The tracking-server check tolerates a server that answers /health slowly (its workers busy on a loaded machine:
+    the likely cause of the parallel-sweep test's one unexplained failure, whose jobs checked with a 5 s timeout) and
+    still fails at once, in one line, when nothing listens."""
+    import http.server
+    import threading
+    import time
+
+    from corexp import tracking
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(6)  # longer than the old 5 s timeout
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking._check_server(f"http://127.0.0.1:{server.server_address[1]}")  # answered within the 10 s timeout
+    finally:
+        server.shutdown()
+    t0 = time.perf_counter()
+    with pytest.raises(CorexpError, match="unreachable"):
+        tracking._check_server("http://127.0.0.1:9")
+    assert time.perf_counter() - t0 < 5  # refused: no retries
