@@ -130,3 +130,28 @@ def test_a_moved_checkout_hits_the_same_caches(tmp_path, tiny):
     assert "head detection: 5 instances" in first.stdout + first.stderr
     assert "head detection" not in second.stdout + second.stderr and "computing BM25" not in second.stdout + second.stderr
     assert len(list((tmp_path / "cache" / "detection").glob("*.npz"))) == 1
+
+
+def test_the_data_set_race_of_concurrent_jobs_is_retried(monkeypatch):
+    """MLflow's server inserts a new data set after checking it is absent; two jobs doing that at once make one of
+    them fail with a UNIQUE constraint (reproduced: 1 of 10 runs of the 4-worker sweep above). The losing job retries
+    and only links the data set that now exists."""
+    from mlflow.exceptions import MlflowException
+
+    from corexp import tracking
+
+    calls = []
+
+    class FakeMlflow:
+        @staticmethod
+        def log_input(dataset, context):
+            calls.append(context)
+            if len(calls) == 1:
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest")
+
+    tracking.log_input(FakeMlflow, object())
+    assert calls == ["evaluation", "evaluation"]
+    with pytest.raises(MlflowException, match="other"):
+        tracking.log_input(type("M", (), {"log_input": staticmethod(lambda d, context: (_ for _ in ()).throw(
+            MlflowException("other failure")))}), object())

@@ -132,7 +132,7 @@ def test_a_busy_tracking_server_is_waited_for_and_a_refused_one_fails_at_once(tm
     from corexp import tracking
 
     class Slow(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             time.sleep(6)  # longer than the old 5 s timeout
             self.send_response(200)
             self.end_headers()

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from corexp.errors import CorexpError
+
 from helpers import compose_cfg
 
 

@@ -366,7 +366,22 @@ def log_data(mlflow: Any, job: Any, data: Any) -> None:
     uri = source if "://" in source else ("https://ir-datasets.com/" + source.split("/")[0] + ".html"
                                            if not source.startswith("/") else Path(source).as_uri())
     digest = hashlib.sha256(ds.fingerprint.encode()).hexdigest()[:12]
-    mlflow.log_input(MetaDataset(HTTPDatasetSource(uri), name=cfg.data.name, digest=digest), context="evaluation")
+    log_input(mlflow, MetaDataset(HTTPDatasetSource(uri), name=cfg.data.name, digest=digest))
+
+
+def log_input(mlflow: Any, dataset: Any, attempts: int = 4) -> None:
+    """mlflow.log_input, tolerating MLflow's race on a new data set: the tracking server checks whether the data set
+    exists and then inserts it, so jobs that log the same new data set at once can get `UNIQUE constraint failed:
+    datasets...` (seen in a 4-worker sweep against a server). Once one insert has won, the data set exists and a retry
+    only links it to the run."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context="evaluation")
+            return
+        except Exception as err:
+            if "UNIQUE constraint failed: datasets" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_job(mlflow: Any, job: Any, res: Any, out_dir: Path) -> dict[str, float]:
