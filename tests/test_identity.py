@@ -97,3 +97,21 @@ def test_a_running_run_is_failed_only_when_its_process_is_provably_gone():
     assert not tracking.run_is_alive(fake_run(now - 700, "node7"), 600, now)  # no heartbeat: its start counts
     first, second = fake_run(10, here), fake_run(11, here)
     assert tracking.earliest([second, first]) is first
+
+
+def test_a_killed_run_of_another_config_is_failed_by_the_next_job(tmp_path, tiny):
+    """A job killed mid-run (its pid gone from this host) is failed by the next job in the experiment, whatever that
+    job's config (a bf16 rerun of a killed fp32 run used to leave the killed run RUNNING)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    exp = mlflow.create_experiment("corexp", artifact_location=(tmp_path / "art").as_uri())
+    client = mlflow.MlflowClient()
+    killed = client.create_run(exp, tags={"host": socket.gethostname(), "pid": str(dead.pid), "config_hash": "other"})
+    alive = client.create_run(exp, tags={"host": socket.gethostname(), "pid": str(os.getpid()), "config_hash": "other"})
+    proc = cli(job_args(tiny, tmp_path, f"hydra.run.dir={tmp_path}/out", "model.dtype=bfloat16"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    (new,) = [r for r in runs(tmp_path) if r.info.status == "FINISHED"]
+    assert " · bf16 · " in new.info.run_name  # not the fp32 run's name with a " #2"

@@ -232,10 +232,10 @@ def run_job(job: Job) -> JobSummary:
     overrides = tracking.job_overrides()
     stale_after = float(cfg.tracking.stale_after_s)
     while True:
+        stale = tracking.fail_stale_runs(mlflow, tracking.running_job_runs(mlflow, cfg.tracking.experiment), stale_after)
+        if stale:  # any config's: a killed job's run must not stay RUNNING until its own config runs again
+            log.warning("marked %d RUNNING run(s) FAILED: their processes are gone", stale)
         previous = tracking.find_runs(mlflow, cfg.tracking.experiment, identity.config_hash)
-        stale = tracking.fail_stale_runs(mlflow, previous, stale_after)
-        if stale:
-            log.warning("marked %d RUNNING run(s) of this config FAILED: their processes are gone", stale)
         same = [r for r in previous if r.data.tags.get("code_digest") == identity.code_digest]
         done = [r for r in same if r.info.status == "FINISHED"]
         if done and not cfg.force:

@@ -249,6 +249,12 @@ def run_is_alive(run: Any, stale_after_s: float, now: float | None = None) -> bo
     return (now or time.time()) - last < stale_after_s
 
 
+def running_job_runs(mlflow: Any, experiment: str) -> list[Any]:
+    """RUNNING job runs of the experiment (sweep parents are the sweep callback's to judge)."""
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'RUNNING'", output_format="list")
+    return [r for r in runs if r.data.tags.get("sweep") != "parent"]
+
+
 def fail_stale_runs(mlflow: Any, runs: list[Any], stale_after_s: float) -> int:
     """RUNNING runs whose process is provably gone (killed jobs): mark them FAILED so the store tells the truth."""
     client = mlflow.MlflowClient()
