@@ -54,7 +54,7 @@ def test_submitit_local_sweep_parent_children_resume_and_failure(tmp_path, tiny)
     runs = mlflow.search_runs(experiment_names=["corexp"], output_format="list")
     assert sum(1 for r in runs if r.data.tags.get("sweep") != "parent") == 2  # no new child runs
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
-    assert logs.count("already FINISHED") == 2
+    assert logs.count("already FINISHED this config") == 2  # the log line, once per job
 
     # a job that raises is FAILED, the other one finishes
     failing, _ = cli("-m", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path}/sweep2", "hydra/launcher=submitit_local",

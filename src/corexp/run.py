@@ -249,14 +249,18 @@ def run_job(job: Job) -> JobSummary:
         active = tracking.start_run(mlflow, job, identity, overrides)
         if cfg.force:
             break
-        running = [r for r in tracking.find_runs(mlflow, cfg.tracking.experiment, identity.config_hash)
-                   if r.info.status == "RUNNING" and r.data.tags.get("code_digest") == identity.code_digest
+        now = [r for r in tracking.find_runs(mlflow, cfg.tracking.experiment, identity.config_hash)
+               if r.data.tags.get("code_digest") == identity.code_digest]
+        running = [r for r in now if r.info.status == "RUNNING"
                    and (r.info.run_id == active.info.run_id or tracking.run_is_alive(r, stale_after))]
         first = tracking.earliest(running)
-        if first.info.run_id == active.info.run_id:
+        finished_meanwhile = any(r.info.status == "FINISHED" for r in now)
+        if first.info.run_id == active.info.run_id and not finished_meanwhile:
             break
         mlflow.end_run(status="KILLED")
         mlflow.MlflowClient().delete_run(active.info.run_id)
+        if finished_meanwhile:  # another process finished it between the check above and this run's start
+            continue
         log.info("run %s of the same config and code is running (host %s, pid %s): waiting for it, then skipping",
                  first.info.run_id, first.data.tags.get("host"), first.data.tags.get("pid"))
         tracking.wait_for(mlflow, first.info.run_id, stale_after)
