@@ -213,6 +213,25 @@ def stability(study: Study, folds: tuple[int, ...] = (0, 1, 2)) -> tuple[pd.Data
     return pd.DataFrame(heads_rows), pd.DataFrame(jac_rows)
 
 
+def cost(study: Study) -> pd.DataFrame:
+    """CPU seconds per model and document order (all threads of the job's process, from its `cpu_time_s` metric): the
+    order's costliest run (the one that computed the read-out table or a detection table) and all its runs together."""
+    rows = []
+    for model in study.models:
+        g = study.df[study.df["model"] == model]
+        for order in ORDERS:
+            o = g[g["order"] == order]
+            cpu = [(float(m.get("cpu_time_s", float("nan"))), name) for m, name in zip(o["metrics"], o["run_name"])]
+            cpu = [(c, n) for c, n in cpu if c == c]
+            if not cpu:
+                continue
+            top = max(cpu)
+            rows.append({"model": MODEL_NAMES.get(model, model), "order": order, "runs": len(cpu),
+                         "CPU s, all runs": round(sum(c for c, _ in cpu)), "CPU s, costliest run": round(top[0]),
+                         "costliest run": top[1]})
+    return pd.DataFrame(rows)
+
+
 def missing(study: Study, seeds: int = 5, folds: tuple[int, ...] = (0, 1, 2)) -> list[str]:
     want = []
     for model in study.models:
@@ -307,6 +326,11 @@ def write(uri: str, experiment: str, out: Path, models: list[str]) -> tuple[list
           "their pairwise Jaccard, and the DL19 nDCG@10 of each detected set (retriever order).\n",
           jac.to_markdown(index=False) if len(jac) else "(no runs)", "",
           heads.to_markdown(index=False) if len(heads) else "", ""]
+    spent = cost(study)
+    md += ["## CPU time\n", "CPU seconds of each job's process (all threads; `cpu_time_s`). Within one model and order the "
+           "first job computes every head's read-out per prompt and later jobs only re-score it (`readout_cache=true`); "
+           "a job that detects heads on a new fold pays for detection too.\n",
+           spent.to_markdown(index=False) if len(spent) else "(no runs)", ""]
     gaps = missing(study)
     md += ["## Missing cells\n", "\n".join(f"- {m}" for m in gaps) if gaps else "None: every cell has its runs.", ""]
     if df.attrs.get("older_code"):
