@@ -199,7 +199,8 @@ def interleaved(spec: dict) -> dict:
 
 
 def agreement_scores(spec: dict) -> dict:
-    """ICR scores of the first N test queries of the embedded SciFact sample (BM25 top-20), one dtype."""
+    """ICR scores of the first N test queries (BM25 top-20), one dtype: the embedded SciFact sample, or a BEIR-layout
+    folder with a run file (`--agreement-data`, e.g. ../shared/data/dl19)."""
     from corexp.data import load_local, select_queries
     from corexp.first_stage import candidates
     from corexp.reranker import AttentionReranker
@@ -208,7 +209,9 @@ def agreement_scores(spec: dict) -> dict:
 
     lm = _load(spec["model"], None, spec["dtype"], spec["device"], None)
     cfg = compose([f"model={spec['model']}"])
-    ds = load_local(sample_dir(), "test", "sample")
+    folder = spec.get("data")
+    ds = load_local(folder or sample_dir(), "test", Path(folder).name if folder else "sample",
+                    run_file=str(Path(folder) / "run.bm25.trec") if folder else None)
     qids = select_queries(ds, spec["queries"], None)
     run = candidates(ds.run, 20, False)
     rr = AttentionReranker(lm, cfg.prompt, None, cfg.model.template, cfg.prompt.instruction)
@@ -305,6 +308,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, nargs="*", default=[], help="long-prompt points (tokens): re-rank vs plain forward")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 at the first prompt length")
     ap.add_argument("--agreement", type=int, default=0, help="bf16 vs fp32 ranking agreement on N SciFact queries")
+    ap.add_argument("--agreement-data", default=None,
+                    help="BEIR-layout folder with run.bm25.trec for --agreement (default: the embedded SciFact sample)")
     ap.add_argument("--e2e", type=int, default=-1, help="queries of the default job to time end to end (0: all 50; -1: skip)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     a = ap.parse_args()
@@ -372,10 +377,11 @@ def main() -> None:
         for k in ("rerank", "plain_sdpa"):
             lines.append(f"| {k} | {f32[k]:.2f} | {b16[k]:.2f} | {f32[k] / b16[k]:.2f}× |")
     if a.agreement:
-        s32 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "float32"})
-        s16 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "bfloat16"})
+        s32 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "float32", "data": a.agreement_data})
+        s16 = measure({**common, "kind": "agreement", "queries": a.agreement, "dtype": "bfloat16", "data": a.agreement_data})
         ag = agreement(s32["scores"], s16["scores"])
-        lines += ["", f"Ranking agreement, ICR bf16 vs fp32, embedded SciFact sample, first {ag['queries']} test queries, "
+        where = Path(a.agreement_data).name if a.agreement_data else "embedded SciFact sample"
+        lines += ["", f"Ranking agreement, ICR bf16 vs fp32, {where}, first {ag['queries']} test queries, "
                   "BM25 top-20:", "",
                   "| nDCG@10 fp32 | nDCG@10 bf16 | identical top-10 (order) | top-10 overlap | mean Kendall τ (20 candidates) "
                   "| fp32 s/query | bf16 s/query |", "|---|---|---|---|---|---|---|",
