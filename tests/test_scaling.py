@@ -32,6 +32,7 @@ class Store:
                           "labels": _labels(model, method, extras), "params": params or {},
                           "metrics": {"rerank.nDCG_at_10": float(values.mean()),
                                       "first_stage.nDCG_at_10": float(self.first_stage.mean()), "cpu_time_s": cpu,
+                                      "queries": float(len(QUERIES)), "readout_cache_hits": 0.0 if cpu > 100 else 12.0,
                                       "model_parameters": {"a": 1.35e8, "b": 1.5e9}[model]},
                           "queries": float(len(QUERIES))})
         return run_id, values
@@ -110,7 +111,7 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     spent = scaling.cost(study)
     retriever = spent[(spent.model == "a") & (spent.order == "retriever")].iloc[0]
     assert retriever["runs"] == 10 and retriever["CPU s, costliest run"] == 900
-    assert retriever["CPU s, all runs"] == 900 + 9 * 10
+    assert retriever["CPU s, all runs"] == 900 + 9 * 10 and retriever["prompts read out here"] == len(QUERIES)
     gaps = scaling.missing(study)
     assert "a × CoRe-k8, retriever order, detection fold 2" in gaps
     assert "a × QRHead-k8, reversed order" in gaps and "a × random-k8, reversed order (0 of 5 seeds)" in gaps

@@ -226,7 +226,9 @@ def cost(study: Study) -> pd.DataFrame:
             if not cpu:
                 continue
             top = max(cpu)
+            computed = sum(max(0.0, float(m.get("queries", 0)) - float(m.get("readout_cache_hits", 0))) for m in o["metrics"])
             rows.append({"model": MODEL_NAMES.get(model, model), "order": order, "runs": len(cpu),
+                         "prompts read out here": int(computed),
                          "CPU s, all runs": round(sum(c for c, _ in cpu)), "CPU s, costliest run": round(top[0]),
                          "costliest run": top[1]})
     return pd.DataFrame(rows)
@@ -329,7 +331,9 @@ def write(uri: str, experiment: str, out: Path, models: list[str]) -> tuple[list
     spent = cost(study)
     md += ["## CPU time\n", "CPU seconds of each job's process (all threads; `cpu_time_s`). Within one model and order the "
            "first job computes every head's read-out per prompt and later jobs only re-score it (`readout_cache=true`); "
-           "a job that detects heads on a new fold pays for detection too.\n",
+           "a job that detects heads on a new fold pays for detection too. Where no prompt was read out here, an earlier run "
+           "(an older code version whose read-out is identical: the cache key holds the attention code's digest) "
+           "computed the table and these runs only re-scored it.\n",
            spent.to_markdown(index=False) if len(spent) else "(no runs)", ""]
     gaps = missing(study)
     md += ["## Missing cells\n", "\n".join(f"- {m}" for m in gaps) if gaps else "None: every cell has its runs.", ""]
