@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 4096], help="prompt lengths of P1-P5 (none: skip them)")
     ap.add_argument("--scaling", type=int, nargs="*", default=[10, 20, 40, 100])
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
@@ -334,7 +334,7 @@ def main() -> None:
         cuts = [measure({**mem, "kind": "rerank", "keep": k}) for k in keeps]
         t = measure({**common, "kind": "interleaved", "tokens": n, "keeps": keeps})
         rows.append((n, r, cuts, t))
-    lines += [f"Latencies: median of {a.repeats} rounds after a warm-up round, the variants interleaved in one process "
+    lines += [] if not rows else [f"Latencies: median of {a.repeats} rounds after a warm-up round, the variants interleaved in one process "
               "(eager: its own process, one timed run after a first one). Peak memory: the first call, each in a fresh process.", "",
               "Re-rank = one forward per query (real and N/A query rows in one pass, tree attention; the default); "
               "two-pass = the N/A query as a second pass over the cached documents (`one_pass=False`, the previous path).", "",
@@ -358,7 +358,7 @@ def main() -> None:
                      f"{t['rerank'] / t['plain_sdpa']:.2f} / {t['rerank_two_pass'] / t['plain_sdpa']:.2f} | {eager}"
                      f"{0 if t['passes_one'] == 1 else float('nan')} / {t['na_pass'] / t['main_pass']:.3f} ({t['na_tokens']} tok) | "
                      f"{t['passes_one']} / {t['passes_two']} | {t['detection'] / t['plain_sdpa']:.2f} |")
-    lines += ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
+    lines += [] if not rows else ["", "P3 truncation (re-rank with the first L' layers; target: latency ratio ≤ 1.1 × L'/L):", "",
               "| prompt tokens | L' / L | latency s | latency ratio | 1.1 × L'/L | peak MB | peak MB full |",
               "|---|---|---|---|---|---|---|"]
     for _, r, cuts, t in rows:
@@ -368,7 +368,7 @@ def main() -> None:
             sec = t[f"rerank_keep{keep}"]
             lines.append(f"| {t['tokens']} | {keep}/{full['layers']} | {sec:.2f} | {sec / t['rerank']:.2f} | "
                          f"{1.1 * keep / full['layers']:.2f} | {c['peak_mb']:.0f} | {full['peak_mb']:.0f} |")
-    if a.bf16 and a.dtype != "bfloat16":
+    if a.bf16 and a.dtype != "bfloat16" and rows:
         n = a.tokens[0]
         b16 = measure({**common, "dtype": "bfloat16", "kind": "interleaved", "tokens": n, "keeps": []})
         f32 = rows[0][3]
