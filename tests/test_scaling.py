@@ -80,6 +80,7 @@ def test_main_table_cells_and_tests_match_a_hand_computation(store, monkeypatch)
     for m in ("CoRe-k8", "QRHead-k8"):
         raw[(m, "ICR")] = ttest_rel(methods[m], icr).pvalue
         raw[(m, "random")] = ttest_rel(methods[m], random_mean).pvalue
+    raw[("ICR", "random")] = ttest_rel(icr, random_mean).pvalue
     adjusted = holm(raw)
     core_cell = f"{100 * by_run['r1']['metrics']['rerank.nDCG_at_10']:.1f}"
     assert table.loc["CoRe-k8", name].startswith(core_cell)
@@ -91,6 +92,8 @@ def test_main_table_cells_and_tests_match_a_hand_computation(store, monkeypatch)
     row = tests[(tests.method == "CoRe-k8") & (tests.against == "random-k8 (mean of seeds)")].iloc[0]
     assert row["difference × 100"] == round(100 * float((core - random_mean).mean()), 1)
     assert float(row["p (Holm)"]) == pytest.approx(adjusted[("CoRe-k8", "random")], rel=1e-2)
+    icr_row = tests[(tests.method == "ICR") & (tests.against == "random-k8 (mean of seeds)")].iloc[0]
+    assert float(icr_row["p (Holm)"]) == pytest.approx(adjusted[("ICR", "random")], rel=1e-2)
     beaten = sum(by_run["r1"]["metrics"]["rerank.nDCG_at_10"] > m / 100 for m in means)
     assert row["random draws it beats"] == f"{beaten}/5"
 
