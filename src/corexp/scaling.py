@@ -284,6 +284,7 @@ def figure(study: Study, path: Path) -> Path:
             ax.plot(xs, [v.mean() for _, v in band], "x-", color="gray", label="random-k8 (mean, min–max)")
             ax.fill_between(xs, [v.min() for _, v in band], [v.max() for _, v in band], color="gray", alpha=0.2)
         ax.set_xscale("log")
+        ax.minorticks_off()  # the models' names are the ticks; log-scale minor labels would overprint them
         ax.set_xticks(x, [MODEL_NAMES.get(m, m).replace("-", "\n", 1) for m in models], fontsize=7)
         ax.set_xlabel("model size (parameters, log scale)")
         ax.set_title(f"DL19, BM25 top-20, documents in {order} order", fontsize=9)
