@@ -52,3 +52,22 @@ def test_a_table_of_fewer_layers_is_recomputed_and_replaced(tmp_path):
     other = ReadoutCache(tmp_path / "cache", "another-model")
     fresh = AttentionReranker(load(tiny), prompt_cfg, None, template="plain", readout_cache=other)
     assert not fresh.score(QUERY, LONG_DOCS).stats.cached  # keyed on the model identity
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_uncalibrated_scores_from_the_table_equal_a_direct_forward(tmp_path, arch):
+    """calibrate=False scores s_j(q) alone: the table's real rows give what a forward without the N/A query gives, and
+    differ from the calibrated scores."""
+    tiny = save_tiny_checkpoint(tmp_path / arch, arch)
+    prompt_cfg = OmegaConf.structured(PromptConfig)
+    lm = load(tiny)
+    cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
+    AttentionReranker(lm, prompt_cfg, None, template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
+    heads = [(0, 1), (2, 3), (3, 0)]
+    direct = AttentionReranker(lm, prompt_cfg, heads, template="plain", calibrate=False).score(QUERY, LONG_DOCS)
+    assert direct.stats.pass_tokens and len(direct.stats.pass_tokens) == 1  # one forward, no N/A query
+    cached = AttentionReranker(lm, prompt_cfg, heads, template="plain", readout_cache=cache, calibrate=False).score(QUERY, LONG_DOCS)
+    assert cached.stats.cached
+    assert cached.scores == pytest.approx(direct.scores, abs=1e-5)
+    calibrated = AttentionReranker(lm, prompt_cfg, heads, template="plain").score(QUERY, LONG_DOCS)
+    assert max(abs(a - b) for a, b in zip(calibrated.scores, direct.scores)) > 1e-3

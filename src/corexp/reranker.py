@@ -63,8 +63,10 @@ class AttentionReranker:
     """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
 
     def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
-                 instruction: str | None = None, one_pass: bool = True, readout_cache: ReadoutCache | None = None):
+                 instruction: str | None = None, one_pass: bool = True, readout_cache: ReadoutCache | None = None,
+                 calibrate: bool = True):
         self.lm = lm
+        self.calibrate = calibrate  # False: s_j(q) alone, no N/A query (the length-bias ablation, METHOD.md §3)
         self.one_pass = one_pass  # real and N/A query in one forward (tree attention); False: N/A on the cached prefix
         self.readout_cache = readout_cache  # every head's token scores per prompt, reused by other head sets
         self.heads = heads
@@ -145,6 +147,12 @@ class AttentionReranker:
         heads = heads_by_layer(self.heads)
         q_start = enc.q_start
         clock = _Clock(self.lm.device, stats)
+        if not self.calibrate and self.readout_cache is None:  # s_j(q) alone: documents + query, no N/A query
+            real_rec = Readout(heads, rows=(q_start, enc.q_end), past_len=0)
+            self._forward(enc.input_ids, 0, enc.q_end, None, real_rec, clock)
+            scores = self._token_scores(real_rec, q_start)
+            clock.close()
+            return scores
 
         def na_encoding():
             na = self.prompt.encode_plain(texts_in_order, self.cfg.calibration_query)
@@ -190,16 +198,16 @@ class AttentionReranker:
         if table is not None and table.covers(self.heads, self.lm.kept_layers):
             cache.hits += 1
             stats.cached = True
-            return table.scores(self.heads, self.lm.kept_layers)
+            return table.scores(self.heads, self.lm.kept_layers, self.calibrate)
         real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
         na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
         self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
         labels, real = real_rec.head_matrix()
         _, calib = na_rec.head_matrix()
-        table = HeadTable(labels, (real[:, :enc.q_start] - calib[:, :enc.q_start]).float().cpu())
+        table = HeadTable(labels, real[:, :enc.q_start].float().cpu(), calib[:, :enc.q_start].float().cpu())
         clock.close()
         cache.store(key, table)
-        return table.scores(self.heads, self.lm.kept_layers)
+        return table.scores(self.heads, self.lm.kept_layers, self.calibrate)
 
     @torch.inference_mode()
     def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
