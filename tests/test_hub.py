@@ -15,11 +15,24 @@ TOKEN = "hf_standin_token_123"
 
 
 class StandInHub(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.do_GET()
+
     def do_GET(self):
         parts = self.path.strip("/").split("/")  # api/models/<org>/<name>/auth-check
         repo = "/".join(parts[2:4]) if len(parts) >= 5 and parts[:2] == ["api", "models"] else ""
         authorized = self.headers.get("Authorization") == f"Bearer {TOKEN}"
-        if repo == "org/gated-model" and not authorized:
+        if self.headers.get("Authorization") == "Bearer hf_expired":  # the Hub's answer to an invalid or expired token
+            self.send_response(401)
+            self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+        elif "/resolve/" in self.path and self.path.strip("/").startswith("org/gated-files"):
+            # the auth check passed, the files are gated (a token without the licence accepted for them)
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model org/gated-files is restricted.")
+        elif repo == "org/gated-files":
+            self.send_response(200)
+        elif repo == "org/gated-model" and not authorized:
             self.send_response(403)
             self.send_header("X-Error-Code", "GatedRepo")
             self.send_header("X-Error-Message", "Access to model org/gated-model is restricted.")
@@ -86,3 +99,23 @@ def test_gated_not_found_unreachable_and_offline_are_each_one_line(hub, tmp_path
     assert "HF_HUB_OFFLINE is set" in error_line(offline)
     ok, _ = probe("org/open-model", tmp_path, hub)
     assert ok.returncode == 0
+
+
+def test_an_invalid_token_is_called_invalid_and_hf_home_is_named(hub, tmp_path):
+    expired, _ = probe("org/open-model", tmp_path, hub, HF_TOKEN="hf_expired")
+    line = error_line(expired)
+    assert "rejected your Hugging Face token (HTTP 401: invalid or expired)" in line and "download it" not in line
+    offline, _ = probe("org/open-model", tmp_path, hub, HF_HUB_OFFLINE="1")
+    assert f"copy the Hugging Face cache ({tmp_path / 'hf'}/hub) here" in error_line(offline)
+
+
+def test_gated_files_after_a_passing_auth_check_end_in_one_line(hub, tmp_path):
+    """The auth check passes, the config download is refused (403 GatedRepo): the load is wrapped too."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
+    clean.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub, HF_TOKEN=TOKEN, HF_HUB_ETAG_TIMEOUT="5",
+                 HF_HUB_DOWNLOAD_TIMEOUT="5")
+    code = ("from corexp.config import compose_config; from corexp.models import model_info; "
+            "cfg = compose_config(['model=llama', 'model.hf_id=org/gated-files']); model_info(cfg.model, cfg.paths.cache_dir)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=180)
+    line = error_line(proc)
+    assert "'org/gated-files' is gated" in line and "accept its licence" in line, proc.stderr[-2000:]

@@ -1,8 +1,12 @@
-"""`python -m corexp [overrides]`: the Hydra entry point; bad input ends in one line, not a traceback.
+"""`python -m corexp [overrides]`: the Hydra entry point; every failure ends in one line, not a traceback.
 
 Overrides are checked against the settings' declarations (corexp.settings) before Hydra composes anything; the composed
 config is checked again (values from experiment files) when the job is built, before any model or data is loaded.
 `dry_run=true` prints the plan; a finished job prints its summary (first stage vs re-ranked, p-value, run, UI command).
+
+A failed job prints `corexp: error: <what and the fix>` and exits non-zero (2: bad input, 1: an internal error, with
+a request to report it); `debug=true` shows the traceback instead. In a sweep every job runs, each failure is printed
+as its own line, the sweep's parent run is closed as FAILED and the command exits 1 after a line that counts them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import hydra
 from omegaconf import DictConfig
 
 from corexp.config import config_dir
-from corexp.errors import CorexpError
+from corexp.errors import CorexpError, one_line
 
 log = logging.getLogger("corexp")
 
 
 def main() -> None:
     """Console entry: one line for an invalid setting on the command line, then Hydra."""
+    from corexp import callbacks
     from corexp.components import normalize_overrides
     from corexp.validation import check_overrides
 
@@ -30,7 +35,16 @@ def main() -> None:
         print(f"corexp: error: {problem}", file=sys.stderr)
         sys.exit(2)
     sys.argv[1:] = normalize_overrides(sys.argv[1:])  # a group's setting reaches the options that take it
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("corexp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if callbacks.SWEEP_FAILURES:
+        failed, total = callbacks.SWEEP_FAILURES
+        print(f"corexp: error: {failed} of {total} jobs of the sweep failed (each one's reason is printed above and "
+              "tagged `failure` on its run)", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
@@ -45,24 +59,24 @@ def hydra_main(cfg: DictConfig) -> float | None:
         from corexp.run import run_job
 
         summary = run_job(job)
-    except CorexpError as err:
-        if cfg.get("debug"):
-            raise
-        print(f"corexp: error: {err}", file=sys.stderr)
-        if _is_multirun():
-            raise  # the sweep marks this job failed and goes on
-        sys.exit(2)
+    except Exception as err:
+        return _failed(cfg, err)
     print(summary.text(), flush=True)
     return summary.metrics.get("rerank.nDCG_at_10")
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
+def _failed(cfg: DictConfig, err: Exception) -> None:
+    """One line for the failure; outside a sweep the process exits (2: bad input, 1: internal error), inside one the job
+    is recorded as failed in the sweep folder and the sweep goes on (callbacks.MlflowSweepCallback counts it)."""
+    from corexp import callbacks
 
-    try:
-        return HydraConfig.get().mode.name == "MULTIRUN"
-    except ValueError:
-        return False
+    if cfg.get("debug"):
+        raise err
+    line = one_line(err)
+    print(f"corexp: error: {line}", file=sys.stderr, flush=True)
+    if callbacks.record_failure(line):
+        return None
+    sys.exit(2 if isinstance(err, CorexpError) else 1)
 
 
 if __name__ == "__main__":

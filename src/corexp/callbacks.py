@@ -1,4 +1,9 @@
-"""Hydra callback: one MLflow parent run per sweep; its id is written to the sweep folder for every job to read."""
+"""Hydra callback: one MLflow parent run per sweep; its id is written to the sweep folder for every job to read.
+
+A job that fails inside a sweep records its one-line reason in `<sweep folder>/failed/` (any launcher: the jobs may run
+in other processes or on other nodes) and the sweep goes on; at the end the callback closes the parent run as FAILED
+with a `failure` tag counting them, or FINISHED, and leaves the count in SWEEP_FAILURES for the CLI's exit code.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,38 @@ from omegaconf import DictConfig
 
 from corexp.tracking import PARENT_FILE, SWEPT_FILE
 
+FAILED_DIR = "failed"
+SWEEP_FAILURES: tuple[int, int] | None = None  # (failed jobs, jobs) of the last sweep this process ran
+
+
+def record_failure(line: str) -> bool:
+    """In a sweep, write the failed job's one-line reason into the sweep folder and return True; outside one, False."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except ValueError:
+        return False
+    if hc.mode.name != "MULTIRUN":
+        return False
+    folder = Path(hc.sweep.dir) / FAILED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{hc.job.num}.txt").write_text(f"{' '.join(hc.overrides.task)}\n{line}\n")
+    return True
+
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from corexp import tracking
+        import sys
 
-        mlflow = tracking.setup(config)
+        from corexp import tracking
+        from corexp.errors import CorexpError
+
+        try:
+            mlflow = tracking.setup(config)
+        except CorexpError as err:  # before any job: the sweep cannot log anywhere
+            print(f"corexp: error: {err}", file=sys.stderr)
+            sys.exit(2)
         experiment_id = mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
         fail_killed_sweeps(mlflow, experiment_id)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -37,12 +68,22 @@ class MlflowSweepCallback(Callback):
         (sweep_dir / SWEPT_FILE).write_text(json.dumps(keys))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global SWEEP_FAILURES
         from corexp import tracking
 
-        path = Path(config.hydra.sweep.dir) / PARENT_FILE
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted((sweep_dir / FAILED_DIR).glob("*.txt")) if (sweep_dir / FAILED_DIR).is_dir() else []
+        jobs = sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        SWEEP_FAILURES = (len(failed), max(jobs, len(failed))) if failed else None
+        path = sweep_dir / PARENT_FILE
         if path.is_file():
             mlflow = tracking.setup(config)
-            mlflow.MlflowClient().set_terminated(path.read_text().strip(), status="FINISHED")
+            client = mlflow.MlflowClient()
+            run_id = path.read_text().strip()
+            if failed:
+                client.set_tag(run_id, "failure", f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " +
+                               "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]))
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def swept_keys(config: DictConfig) -> list[str]:

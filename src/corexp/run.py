@@ -7,6 +7,7 @@ skips finished identities, opens the MLflow run and has `tracking.log_job` recor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from corexp import tracking
 from corexp.data import IRDataset, load_dataset, select_queries
 from corexp.detection import detection_table
-from corexp.errors import CorexpError
+from corexp.errors import CorexpError, one_line
 from corexp.evaluation import Evaluation, evaluate
 from corexp.first_stage import Candidates
 from corexp.heads import HeadSelection, SelectionContext
@@ -265,12 +266,14 @@ def run_job(job: Job) -> JobSummary:
                  first.info.run_id, first.data.tags.get("host"), first.data.tags.get("pid"))
         tracking.wait_for(mlflow, first.info.run_id, stale_after)
     try:
-        with tracking.heartbeat(mlflow, active.info.run_id):
+        with tracking.heartbeat(mlflow, active.info.run_id), tracking.terminate_as_exception():
             wall, cpu = time.perf_counter(), time.process_time()
             result = rerank_pipeline(job, info, on_data=lambda data: tracking.log_data(mlflow, job, data))
             result.wall_time_s, result.cpu_time_s = time.perf_counter() - wall, time.process_time() - cpu
             metrics = tracking.log_job(mlflow, job, result, out_dir)
-    except BaseException:
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # the reason, where the UI shows it; never hides the failure itself
+            mlflow.set_tag("failure", one_line(err)[:4000])
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")

@@ -56,7 +56,11 @@ def setup(cfg: DictConfig) -> Any:
         from corexp.cache import file_lock
 
         db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CorexpError(f"tracking.uri={uri}: cannot create the store's folder {db.parent} ({err.strerror or err}); "
+                              "choose a writable path (sqlite:////absolute/path/mlflow.db)") from None
         lock = file_lock(db.parent / f".{db.name}.init.lock")
     with lock:
         return _open_experiment(mlflow, cfg, uri)
@@ -283,6 +287,32 @@ def heartbeat(mlflow: Any, run_id: str, every_s: float = HEARTBEAT_S):
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's cancel, `kill`): raised in the job so that its run is closed as FAILED with the reason."""
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM (a scheduler's cancel or `kill`)"
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """While the body runs in the main thread, SIGTERM raises Terminated instead of ending the process unannounced."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for(mlflow: Any, run_id: str, stale_after_s: float, poll_s: float = 2.0) -> None:

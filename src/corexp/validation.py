@@ -40,23 +40,97 @@ def rules() -> dict[str, Rule]:
     return out
 
 
+# Keys whose values are free-form mappings (their sub-keys are data, not settings).
+MAPPINGS = ("model.gguf", "model.published_heads", "prompt.families", "first_stage.encoder.wheel")
+# Top-level nodes that are not corexp settings: Hydra's own and the where-things-are of paths/.
+PASSTHROUGH = ("hydra",)
+
+
+@functools.cache
+def group_choices() -> dict[str, list[str]]:
+    """Config group -> its options (conf/<group>/*.yaml), without internal files (`_base`, `_beir`, Hydra's schema_*)."""
+    from corexp.config import config_dir
+
+    root = config_dir()
+    out = {}
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        group = folder.relative_to(root).as_posix()
+        if group.startswith("hydra"):
+            continue
+        names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+        if names:
+            out[group] = names
+    return out
+
+
+@functools.cache
+def known_keys() -> set[str]:
+    """Every dotted key a user may set: declared settings, group nodes, and the mapping settings' roots."""
+    keys = set(schema_rules()) | {g.replace("/", ".") for g in group_choices()}
+    for group in GROUPS:
+        keys |= {f"{group}.{k}" for d in group_settings(group).values() for k in d}
+    return keys
+
+
+def _near(key: str, candidates: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_key(key: str) -> str | None:
+    """The complaint about a dotted key that is no setting (with or without Hydra's `+`), or None."""
+    known = known_keys()
+    if key in known or key.split(".")[0] in PASSTHROUGH or any(key.startswith(m + ".") for m in MAPPINGS):
+        return None
+    group, dot, _ = key.rpartition(".")
+    if dot and group in {g.replace("/", ".") for g in group_choices()}:
+        siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group)
+        return f"{key} is not a setting{_near(key, known)}; {group} settings: {', '.join(siblings)}"
+    top = sorted(k for k in known if "." not in k)
+    return f"{key} is not a setting{_near(key, known)}; top-level settings and groups: {', '.join(top)}"
+
+
 def check_overrides(args: list[str]) -> str | None:
-    """Check command-line overrides (every value of a sweep) before Hydra composes the config."""
+    """Check command-line overrides (every value of a sweep) before Hydra composes the config: unknown groups,
+    options and keys (with or without `+`) and values their declarations do not allow, each in one line with the
+    valid ones."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     candidates = [a for a in args if "=" in a and not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(candidates)
-    except Exception:
-        return None
-    table = rules()
+    except Exception as err:
+        first = (str(err).strip().splitlines() or ["syntax error"])[0]
+        return f"cannot read the overrides {' '.join(candidates)}: {first}"
+    table, choices = rules(), group_choices()
     for o in overrides:
-        key = o.key_or_group.lstrip("+~")
+        raw = o.key_or_group
+        key = raw.lstrip("+~")
+        if raw.startswith("hydra") or key.startswith("hydra"):
+            continue
+        if key in choices or "/" in key:  # a group choice: model=smollm2, prompt/doc_order=reversed
+            if key not in choices:
+                return f"{key} is not a config group; groups: {', '.join(sorted(choices))}"
+            if o.is_delete():
+                continue
+            try:
+                values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            except Exception:
+                continue
+            for v in values:
+                if v is not None and str(v) not in choices[key]:
+                    return f"{key}={v} is not an option{_near(str(v), set(choices[key]))}; choose one of {', '.join(choices[key])}"
+            continue
         group, dot, field = key.partition(".")
         if group in GROUPS and dot and "." not in field and field not in {k for d in group_settings(group).values() for k in d}:
             known = sorted({k for d in group_settings(group).values() for k in d})
-            return (f"{key} is not a setting of any {group} option ({', '.join(known) or 'none'}); "
+            return (f"{key} is not a setting of any {group} option{_near(field, set(known))} ({', '.join(known) or 'none'}); "
                     f"options: {', '.join(options(group))}")
+        complaint = _unknown_key(key)
+        if complaint:
+            return complaint
         if key not in table or o.is_delete():
             continue
         try:
@@ -77,6 +151,8 @@ def validate(cfg: Any, components: dict[str, Any] | None = None) -> None:
 
     missing = object()
     for key, d in schema_rules().items():
+        if key.startswith("paths."):  # strings, some resolved by Hydra only inside a run (paths.output_dir)
+            continue
         value = OmegaConf.select(cfg, key, default=missing)
         if value is not missing:
             _check(key, value, d.rule)
