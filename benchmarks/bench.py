@@ -24,21 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MEM_LIMIT_MB = 20 * 1024  # eager output_attentions runs are capped at this address space so the machine survives
 
 
-from corexp.memory import PeakMemory  # noqa: E402  (peak above the start: RSS sampled every ms, or CUDA's allocator peak)
+from corexp.engine.memory import PeakMemory  # noqa: E402  (peak above the start: RSS sampled every ms, or CUDA's allocator peak)
 
 
 def _load(model: str, keep: int | None, dtype: str, device: str, config_json: str | None, tokenizer: str | None = None):
     import torch
 
-    from corexp.models import LoadedModel, load_model
+    from corexp.engine.models import LoadedModel, load_model
 
     from helpers_bench import compose
 
     if config_json:  # random weights from a config (architecture-only GPU runs)
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from corexp.attention import register
-        from corexp.models import DTYPES, truncated_config
+        from corexp.engine.attention import register
+        from corexp.engine.models import DTYPES, truncated_config
 
         fields = {k: v for k, v in json.loads(Path(config_json).read_text()).items() if not k.startswith("_")}
         cfg = AutoConfig.for_model(**fields)
@@ -54,8 +54,8 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
 
 
 def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
-    from corexp.data import load_local
-    from corexp.prompt import encode, prepare_text, resolve_template
+    from corexp.data.datasets import load_local
+    from corexp.engine.prompt import encode, prepare_text, resolve_template
 
     from helpers_bench import compose, sample_dir
 
@@ -94,8 +94,8 @@ def _sync(device: str) -> None:
 
 def _workload(spec: dict, keep: int | None = None, max_words: int = 300, one_pass: bool = True):
     """Model, prompt and re-ranker of one measurement (the N-token prompt of `spec`, or its N documents)."""
-    from corexp.data import Document
-    from corexp.reranker import AttentionReranker
+    from corexp.data.datasets import Document
+    from corexp.engine.reranker import AttentionReranker
 
     lm = _load(spec["model"], keep, spec["dtype"], spec["device"], spec.get("config_json"), spec.get("tokenizer"))
     lm.max_context = 10**7  # long-prompt points may exceed the model's trained context: a cost measurement only
@@ -109,7 +109,7 @@ def _plain_forward(lm, ids) -> None:
     """The same model over the same prompt with SDPA and no read-out: the floor a re-rank is compared with."""
     import torch
 
-    from corexp.attention import ATTN_IMPLEMENTATION
+    from corexp.engine.attention import ATTN_IMPLEMENTATION
 
     lm.model.config._attn_implementation = "sdpa"
     try:
@@ -161,7 +161,7 @@ def interleaved(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
-    from corexp.reranker import AttentionReranker
+    from corexp.engine.reranker import AttentionReranker
 
     lm, full, enc, query, documents = _workload(spec)
     two = AttentionReranker(lm, full.cfg, None, template="plain", one_pass=False)
@@ -201,9 +201,9 @@ def interleaved(spec: dict) -> dict:
 def agreement_scores(spec: dict) -> dict:
     """ICR scores of the first N test queries (BM25 top-20), one dtype: the embedded SciFact sample, or a BEIR-layout
     folder with a run file (`--agreement-data`, e.g. ../shared/data/dl19)."""
-    from corexp.data import load_local, select_queries
-    from corexp.first_stage import candidates
-    from corexp.reranker import AttentionReranker
+    from corexp.components.first_stage import candidates
+    from corexp.data.datasets import load_local, select_queries
+    from corexp.engine.reranker import AttentionReranker
 
     from helpers_bench import compose, sample_dir
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from corexp.data import load_local, read_beir_qrels, read_trec_run, write_trec_run
-from corexp.first_stage import bm25_run
+from corexp.components.first_stage import bm25_run
+from corexp.data.datasets import load_local, read_beir_qrels, read_trec_run, write_trec_run
 
 N_TEST, TEST_DEPTH, N_TRAIN, TRAIN_DEPTH, SEED = 50, 20, 100, 25, 0
 

@@ -13,11 +13,11 @@ import argparse
 import json
 import time
 
-from corexp import heads as H
+from corexp.components import heads as H
 from corexp.config import compose_config
+from corexp.engine.models import model_info
 from corexp.job import Job
-from corexp.models import model_info
-from corexp.run import detection
+from corexp.pipeline.run import detection
 
 
 def table(model: str, overrides: list[str]):

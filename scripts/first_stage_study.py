@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from corexp import dense
-from corexp.components import build
+from corexp.components import dense
+from corexp.components.base import build
 from corexp.config import compose_config
-from corexp.data import load_local, select_queries
-from corexp.evaluation import evaluate, parse_measures
+from corexp.data.datasets import load_local, select_queries
+from corexp.data.evaluation import evaluate, parse_measures
 
 STAGES = {"bm25s": ["first_stage=bm25"], "dataset-run": ["first_stage=auto"], "dense": ["first_stage=dense"],
           "hybrid": ["first_stage=hybrid"]}

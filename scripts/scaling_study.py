@@ -2,7 +2,7 @@
 
     python scripts/scaling_study.py --data-dir ../shared/data [--models smollm2,gemma3,qwen25coder,qwen25coder15]
                                     [--phases main,reversed,shuffled,stability] [--dry-run]
-    python -m corexp.report --experiment scaling --out docs/scaling.md --scaling
+    python -m corexp.report.tables --experiment scaling --out docs/scaling.md --scaling
 
 Every cell is an ordinary corexp job (one MLflow run, experiment `scaling`), run one sweep at a time (the CPU is the
 scarce resource: two jobs at once only slow each other). `readout_cache=true`: the first job of each (model, document

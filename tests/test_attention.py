@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from corexp.attention import Readout, recording
+from corexp.engine.attention import Readout, recording
 
 from tiny_models import tiny_configs, tiny_model
 

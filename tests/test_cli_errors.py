@@ -1,5 +1,5 @@
 """What a user sees when a command fails: one line naming the file, line or setting and the fix, a non-zero exit, no
-traceback (at most 4 lines of output in all), through the real CLI (`python -m corexp`, `python -m corexp.report`).
+traceback (at most 4 lines of output in all), through the real CLI (`python -m corexp`, `python -m corexp.report.tables`).
 `debug=true` keeps the traceback."""
 
 import gzip
@@ -40,7 +40,7 @@ def assert_one_line(proc, out, *fragments, code=None):
     assert proc.returncode != 0, out[-3000:]
     assert code is None or proc.returncode == code, (proc.returncode, out[-3000:])
     assert "Traceback" not in out and len(lines) <= 4, out[-3000:]
-    error = next(line for line in lines if line.startswith(("corexp: error:", "corexp.report: error:")))
+    error = next(line for line in lines if line.startswith(("corexp: error:", "corexp.report.tables: error:")))
     for fragment in fragments:
         assert fragment in error, error
 

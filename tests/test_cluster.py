@@ -138,7 +138,7 @@ def test_the_data_set_race_of_concurrent_jobs_is_retried(monkeypatch):
     and only links the data set that now exists."""
     from mlflow.exceptions import MlflowException
 
-    from corexp import tracking
+    from corexp.tracking import store as tracking
 
     calls = []
 

@@ -15,7 +15,7 @@ def test_default_composes_to_the_offline_job():
     cfg = compose_cfg()
     assert cfg.model.name == "smollm2" and cfg.first_stage.depth == 20
     assert (cfg.heads._target_, cfg.heads.k, cfg.truncation._target_) == (
-        "corexp.heads.CoReHeads", 8, "corexp.truncation.AutoTruncation")  # the paper's method by default
+        "corexp.components.heads.CoReHeads", 8, "corexp.components.truncation.AutoTruncation")  # the paper's method by default
     assert Path(cfg.data.local_dir).joinpath("qrels", "test.tsv").is_file()
     assert cfg.tracking.uri.startswith("sqlite:///") and Path(cfg.paths.root_dir).is_absolute()
     assert cfg.prompt.query_span_end == "query" and cfg.prompt.doc_order == "retriever"
@@ -51,7 +51,7 @@ def test_every_option_is_one_class_instantiated_from_its_yaml(group):
     """Each option's YAML holds `_target_` and exactly the class's declared settings; Hydra instantiates it."""
     import dataclasses
 
-    from corexp.components import build, options
+    from corexp.components.base import build, options
 
     assert options(group), group
     for name, cls in options(group).items():
@@ -100,7 +100,7 @@ def test_cpu_grid_sweeps_the_issue_grid():
 
 def _hash(overrides):
     from corexp.job import Job
-    from corexp.tracking import config_hash
+    from corexp.tracking.store import config_hash
 
     cfg = compose_cfg(overrides)
     cfg.paths.output_dir = "/unused"  # outside a Hydra job; paths are not part of a job's identity anyway

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 
 from corexp.config import RESOURCES_DIR
-from corexp.data import load_local, read_trec_run
+from corexp.data.datasets import load_local, read_trec_run
 from corexp.errors import CorexpError
 
 from helpers import compose_cfg
@@ -113,7 +113,7 @@ def test_ir_datasets_loads_offline_from_shared_files(irds_home):
 
 
 def test_corexp_irds_source_reads_the_same_queries(irds_home):
-    from corexp.data import load_dataset
+    from corexp.data.datasets import load_dataset
 
     cfg = compose_cfg(["data=dl19"]).data
     ds = load_dataset(cfg)

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from corexp.components.dense import corpus_embeddings, dense_run, load_encoder, search
 from corexp.config import RESOURCES_DIR
-from corexp.data import load_local
-from corexp.dense import corpus_embeddings, dense_run, load_encoder, search
+from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
 
 from helpers import compose_cfg

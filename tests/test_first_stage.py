@@ -3,10 +3,10 @@ import dataclasses
 import ir_measures
 import pytest
 
-from corexp.components import build
-from corexp.data import load_local
+from corexp.components.base import build
+from corexp.components.first_stage import candidates
+from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
-from corexp.first_stage import candidates
 
 from helpers import compose_cfg
 

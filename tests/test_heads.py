@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from corexp import heads as H
+from corexp.components import heads as H
+from corexp.components.detection import build_instances
 from corexp.config import RESOURCES_DIR
-from corexp.data import load_local
-from corexp.detection import build_instances
+from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
 
 from helpers import compose_cfg
@@ -78,8 +78,8 @@ def test_detection_instances_never_use_judged_positives_as_negatives():
 
 def test_detection_folds_are_disjoint_blocks_of_one_order(shared_data, tmp_path):
     """detection.fold=i: the i-th block of num_queries eligible queries of one seeded order; folds share no query."""
-    from corexp.detection import fold_order
-    from corexp.first_stage import cached_bm25
+    from corexp.components.detection import fold_order
+    from corexp.components.first_stage import cached_bm25
 
     ds = load_local(shared_data / "scifact", "train", "scifact-train")
     cfg = OmegaConf.create({"seed": 0, "num_queries": 40, "num_negatives": 19, "positions": 1, "fold": 0,

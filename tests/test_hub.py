@@ -58,11 +58,11 @@ def hub():
 
 
 def probe(repo, tmp_path, endpoint, **env):
-    """corexp.hub.probe in a fresh process (huggingface_hub reads HF_HOME and friends at import)."""
+    """corexp.engine.hub.probe in a fresh process (huggingface_hub reads HF_HOME and friends at import)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
     clean.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint, **env)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", f"from corexp.hub import probe; probe('{repo}', 'model'); print('ok')"],
+    proc = subprocess.run([sys.executable, "-c", f"from corexp.engine.hub import probe; probe('{repo}', 'model'); print('ok')"],
                           capture_output=True, text=True, env=clean, timeout=120)
     return proc, time.perf_counter() - t0
 
@@ -114,7 +114,7 @@ def test_gated_files_after_a_passing_auth_check_end_in_one_line(hub, tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
     clean.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub, HF_TOKEN=TOKEN, HF_HUB_ETAG_TIMEOUT="5",
                  HF_HUB_DOWNLOAD_TIMEOUT="5")
-    code = ("from corexp.config import compose_config; from corexp.models import model_info; "
+    code = ("from corexp.config import compose_config; from corexp.engine.models import model_info; "
             "cfg = compose_config(['model=llama', 'model.hf_id=org/gated-files']); model_info(cfg.model, cfg.paths.cache_dir)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=180)
     line = error_line(proc)

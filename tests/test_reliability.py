@@ -9,9 +9,9 @@ import time
 import mlflow
 import pytest
 
-from corexp.cache import atomic_write_text
+from corexp.files import atomic_write_text
 from corexp.job import Job
-from corexp.run import run_job
+from corexp.pipeline.run import run_job
 
 from helpers import compose_cfg
 from tiny_models import save_tiny_checkpoint
@@ -80,7 +80,7 @@ def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
 def test_parent_run_of_a_killed_sweep_is_marked_failed(tmp_path):
     import socket
 
-    from corexp.callbacks import fail_killed_sweeps
+    from corexp.tracking.callbacks import fail_killed_sweeps
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())

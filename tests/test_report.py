@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from corexp.report import BEIR_15, CQA_FORUMS, build_tables, missing_cells, sweep_table
+from corexp.report.tables import BEIR_15, CQA_FORUMS, build_tables, missing_cells, sweep_table
 
 from helpers import compose_cfg
 
@@ -78,7 +78,7 @@ def test_sweep_table_is_relative_to_no_truncation():
 def test_holm_agrees_with_independent_computations():
     from statsmodels.stats.multitest import multipletests
 
-    from corexp.report import holm
+    from corexp.report.tables import holm
 
     # by hand: sorted p 0.005, 0.01, 0.03, 0.04 -> 4p, 3p, 2p, 1p = 0.02, 0.03, 0.06, 0.04 -> running max, capped at 1
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02})
@@ -94,7 +94,7 @@ def test_a_run_without_its_per_query_table_is_named_not_dropped(tmp_path):
     import mlflow
 
     from corexp.job import Labels
-    from corexp.report import build_tables
+    from corexp.report.tables import build_tables
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     exp = mlflow.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())

@@ -6,11 +6,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModel
 
 from corexp.config import PromptConfig
-from corexp.data import Document
-from corexp.models import load_model
-from corexp.prompt import encode
-from corexp.reranker import AttentionReranker
-from corexp.scoring import document_scores
+from corexp.data.datasets import Document
+from corexp.engine.models import load_model
+from corexp.engine.prompt import encode
+from corexp.engine.reranker import AttentionReranker
+from corexp.engine.scoring import document_scores
 
 from tiny_models import save_tiny_checkpoint
 
@@ -106,7 +106,7 @@ def test_prompt_overflow_reduces_depth(tiny_dir):
 
 
 def test_python_api_without_hydra_cli(tiny_dir):
-    from corexp.reranker import build_reranker
+    from corexp.engine.reranker import build_reranker
 
     rr = build_reranker("smollm2", heads=[(1, 0), (2, 3)], overrides=[f"model.path={tiny_dir}", "model.gguf=null",
                                                                       "model.template=plain", "model.device=cpu"])

@@ -1,4 +1,4 @@
-"""The scaling report (corexp.scaling): every cell, test and Jaccard it prints is recomputed here by hand from the same
+"""The scaling report (corexp.studies.scaling): every cell, test and Jaccard it prints is recomputed here by hand from the same
 per-query values; cells without runs are listed as missing."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from scipy.stats import ttest_rel
 
-from corexp import scaling
 from corexp.job import Labels
-from corexp.report import holm
+from corexp.report.tables import holm
+from corexp.studies import scaling
 
 QUERIES = [f"q{i}" for i in range(12)]
 

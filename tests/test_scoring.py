@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corexp.scoring import LinearFusion, NoFusion, RRFFusion, document_scores, rank, trec_scores
+from corexp.components.fusion import LinearFusion, NoFusion, RRFFusion
+from corexp.engine.scoring import document_scores, rank, trec_scores
 
 
 def reference_score(values):

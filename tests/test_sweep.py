@@ -37,7 +37,7 @@ def test_sweep_parent_children_failure_and_resume(tmp_path):
     assert all(r.info.status != "RUNNING" for r in runs if r.data.tags.get("sweep") != "parent")
 
     # the report is rebuilt identically from the same store
-    from corexp.report import write_report
+    from corexp.report.tables import write_report
 
     files_a, md_a = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_a", "nDCG@10", "BM25")
     files_b, md_b = write_report(f"sqlite:///{tmp_path}/mlflow.db", ["corexp"], tmp_path / "rep_b", "nDCG@10", "BM25")

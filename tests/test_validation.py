@@ -120,14 +120,14 @@ def test_every_spec_setting_is_in_the_rules_table():
 def test_a_setting_declared_by_several_options_has_one_rule():
     import dataclasses
 
-    from corexp.components import GROUPS, group_settings
+    from corexp.components.base import GROUPS, group_settings
 
     for group in GROUPS:
         seen = {}
         for option, decls in group_settings(group).items():
             for key, d in decls.items():
                 assert seen.setdefault(key, d.rule) == d.rule, (group, option, key)
-        assert all(dataclasses.is_dataclass(c) for c in __import__("corexp.components", fromlist=["options"]).options(group).values())
+        assert all(dataclasses.is_dataclass(c) for c in __import__("corexp.components.base", fromlist=["options"]).options(group).values())
 
 
 def test_the_readme_settings_tables_are_generated_from_the_declarations():

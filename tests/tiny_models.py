@@ -21,7 +21,7 @@ def tiny_configs() -> dict[str, object]:
 
 
 def tiny_model(name: str, attn: str = "corexp_readout", seed: int = 0):
-    import corexp.attention  # noqa: F401  (registers the read-out attention)
+    import corexp.engine.attention  # noqa: F401  (registers the read-out attention)
 
     torch.manual_seed(seed)
     cfg = tiny_configs()[name]

@@ -26,8 +26,8 @@ log = logging.getLogger("corexp")
 
 def main() -> None:
     """Console entry: one line for an invalid setting on the command line, then Hydra."""
-    from corexp import callbacks
-    from corexp.components import normalize_overrides
+    from corexp.components.base import normalize_overrides
+    from corexp.tracking import callbacks
     from corexp.validation import check_overrides
 
     problem = check_overrides(sys.argv[1:])
@@ -56,7 +56,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if cfg.get("dry_run"):
             print(json.dumps(job.plan(), indent=1, ensure_ascii=False, default=str))
             return None
-        from corexp.run import run_job
+        from corexp.pipeline.run import run_job
 
         summary = run_job(job)
     except Exception as err:
@@ -68,7 +68,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def _failed(cfg: DictConfig, err: Exception) -> None:
     """One line for the failure; outside a sweep the process exits (2: bad input, 1: internal error), inside one the job
     is recorded as failed in the sweep folder and the sweep goes on (callbacks.MlflowSweepCallback counts it)."""
-    from corexp import callbacks
+    from corexp.tracking import callbacks
 
     if cfg.get("debug"):
         raise err

@@ -17,7 +17,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
     """The job config as the CLI would compose it (without running it), for the Python API, scripts and tests."""
     from hydra import compose, initialize_config_dir
 
-    from corexp.components import normalize_overrides
+    from corexp.components.base import normalize_overrides
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=normalize_overrides(list(overrides)), return_hydra_config=return_hydra_config)
@@ -52,7 +52,7 @@ def _register_resolvers() -> None:
 # Structured schemas of the groups that are settings, not components: one `setting(...)` per field (type, allowed
 # values, default, description; corexp.settings). Typos and wrong types fail at composition; values are checked once
 # per job by corexp.validation. The component groups (heads, first_stage, truncation, fusion) are classes that Hydra
-# instantiates from `_target_` (corexp.components); their settings are declared on those classes.
+# instantiates from `_target_` (corexp.components.base); their settings are declared on those classes.
 
 
 @dataclass

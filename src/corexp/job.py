@@ -14,13 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from corexp.components import build
-from corexp.evaluation import parse_measures
-from corexp.first_stage import FirstStage
-from corexp.heads import HeadSelector
-from corexp.prompt import for_dataset
-from corexp.scoring import Fusion
-from corexp.truncation import Truncation
+from corexp.components.base import build
+from corexp.components.first_stage import FirstStage
+from corexp.components.fusion import Fusion
+from corexp.components.heads import HeadSelector
+from corexp.components.truncation import Truncation
+from corexp.data.evaluation import parse_measures
+from corexp.engine.prompt import for_dataset
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Job:
     def identity(self) -> dict[str, Any]:
         """What the job computes: the resolved config minus where and how it runs, the components as their own
         settings, detection only for selectors that detect, the model's precision resolved (auto -> fp32 on a CPU)."""
-        from corexp.models import resolved_dtype
+        from corexp.engine.models import resolved_dtype
 
         container = OmegaConf.to_container(self.cfg, resolve=True)
         for key in NOT_IDENTITY:
@@ -144,7 +144,7 @@ class Job:
 
     # -- how it is named ----------------------------------------------------------------------------
     def labels(self) -> Labels:
-        from corexp.models import resolved_dtype
+        from corexp.engine.models import resolved_dtype
 
         extras = []
         fs = self.first_stage
@@ -171,7 +171,7 @@ class Job:
     # -- what it will do ----------------------------------------------------------------------------
     def plan(self) -> dict[str, Any]:
         """Data set, queries, candidates, method, head count, truncation and detection: `dry_run=true` prints it."""
-        from corexp.data import load_dataset, select_queries
+        from corexp.data.datasets import load_dataset, select_queries
 
         cfg = self.cfg
         ds = load_dataset(cfg.data)

@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 import pyterrier as pt
 
-from corexp.data import Document
-from corexp.reranker import AttentionReranker, Head
-from corexp.scoring import rank
+from corexp.data.datasets import Document
+from corexp.engine.reranker import AttentionReranker, Head
+from corexp.engine.scoring import rank
 
 
 class CorexpReranker(pt.Transformer):
@@ -44,9 +44,9 @@ class CorexpReranker(pt.Transformer):
         from pathlib import Path
 
         from corexp.config import compose_config
+        from corexp.engine.models import load_model, model_info
         from corexp.job import Job
-        from corexp.models import load_model, model_info
-        from corexp.run import select_heads
+        from corexp.pipeline.run import select_heads
 
         option = heads if isinstance(heads, str) else "all"
         job = Job.from_config(compose_config([f"model={model}", f"heads={option}", f"heads.k={k}", "truncation=auto",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from corexp.components import GROUPS, group_settings, options
+from corexp.components.base import GROUPS, group_settings, options
 from corexp.config import SCHEMAS, JobConfig
 from corexp.errors import CorexpError
 from corexp.settings import Declaration, Rule, declarations, markdown_table, problem

@@ -11,7 +11,6 @@ and the other waits for it and then skips.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ def setup(cfg: DictConfig) -> Any:
         _check_server(uri)
     lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):  # jobs starting at once on a new store would create its tables concurrently
-        from corexp.cache import file_lock
+        from corexp.files import file_lock
 
         db = Path(uri[len("sqlite:///"):])
         try:
@@ -148,28 +147,6 @@ def log_config(mlflow: Any, job: Any) -> None:
     mlflow.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()}})
 
 
-# Libraries whose version changes the numbers a job computes (attention arithmetic, tokenization, retrieval, measures).
-NUMERIC_LIBRARIES = ("torch", "transformers", "tokenizers", "sentence-transformers", "bm25s", "PyStemmer", "ir_measures")
-
-
-@functools.cache
-def code_digest() -> str:
-    """sha256 over the package's source files and the versions of NUMERIC_LIBRARIES: changes when the code that
-    computes results changes (16 hex digits)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    package = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
-    for name in NUMERIC_LIBRARIES:
-        try:
-            h.update(f"{name}=={version(name)}\0".encode())
-        except PackageNotFoundError:
-            h.update(f"{name}: absent\0".encode())
-    return h.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class Identity:
     """config_hash: what the job computes (its config); code_digest: with which code."""
@@ -179,12 +156,14 @@ class Identity:
 
 
 def config_hash(job: Any) -> str:
-    from corexp.cache import stable_key
+    from corexp.files import stable_key
 
     return stable_key(job.identity())
 
 
 def job_identity(job: Any) -> Identity:
+    from corexp.tracking.identity import code_digest
+
     return Identity(config_hash(job), code_digest())
 
 
@@ -426,8 +405,8 @@ def log_job(mlflow: Any, job: Any, res: Any, out_dir: Path) -> dict[str, float]:
     import pandas as pd
     import torch
 
-    from corexp.data import write_trec_run
-    from corexp.evaluation import safe_name
+    from corexp.data.datasets import write_trec_run
+    from corexp.data.evaluation import safe_name
 
     sel = res.selection
     if sel.reselected:
@@ -475,8 +454,8 @@ def log_job(mlflow: Any, job: Any, res: Any, out_dir: Path) -> dict[str, float]:
 def log_heads(mlflow: Any, job: Any, res: Any, out_dir: Path) -> None:
     import pandas as pd
 
-    from corexp import heads as H
-    from corexp.plots import heads_histogram, score_heatmap
+    from corexp.components import heads as H
+    from corexp.tracking.figures import heads_histogram, score_heatmap
 
     sel, n_layers, n_heads = res.selection, res.model.n_layers, res.model.n_heads
     if sel.heads is None:

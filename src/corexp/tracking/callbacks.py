@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from corexp.tracking import PARENT_FILE, SWEPT_FILE
+from corexp.tracking.store import PARENT_FILE, SWEPT_FILE
 
 FAILED_DIR = "failed"
 SWEEP_FAILURES: tuple[int, int] | None = None  # (failed jobs, jobs) of the last sweep this process ran
@@ -42,8 +42,8 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import sys
 
-        from corexp import tracking
         from corexp.errors import CorexpError
+        from corexp.tracking import store as tracking
 
         try:
             mlflow = tracking.setup(config)
@@ -69,7 +69,7 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global SWEEP_FAILURES
-        from corexp import tracking
+        from corexp.tracking import store as tracking
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = sorted((sweep_dir / FAILED_DIR).glob("*.txt")) if (sweep_dir / FAILED_DIR).is_dir() else []
@@ -107,7 +107,7 @@ def fail_killed_sweeps(mlflow: Any, experiment_id: str) -> int:
 
     A sweep running elsewhere or still alive here is left alone; children are handled by each job's own check.
     """
-    from corexp import tracking
+    from corexp.tracking import store as tracking
 
     client = mlflow.MlflowClient()
     host, stale = socket.gethostname(), 0

@@ -1,7 +1,7 @@
 """Paper-style tables from the MLflow store: methods x datasets per model, paired tests, BEIR averages, references.
 
-    python -m corexp.report --experiment results [--measure nDCG@10] [--baseline first-stage] [--out docs/...]
-    python -m corexp.report --experiment pruning --vs truncation.fraction      # the pruning study: figure + table
+    python -m corexp.report.tables --experiment results [--measure nDCG@10] [--baseline first-stage] [--out docs/...]
+    python -m corexp.report.tables --experiment pruning --vs truncation.fraction      # the pruning study: figure + table
 
 BEIR is averaged as the papers do: CQADupStack's 12 forums (data=cqadupstack-<forum>) are first averaged into one
 number, then the 15 BEIR sets are averaged ("BEIR-15", shown when all 15 are present). Cells of the model x method x
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from corexp.config import project_root
+from corexp.data.evaluation import parse_measures, safe_name
 from corexp.errors import CorexpError
-from corexp.evaluation import parse_measures, safe_name
 from corexp.job import Labels
 
 BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
@@ -352,7 +352,7 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m corexp.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m corexp.report.tables", description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiment", action="append", default=None, help="MLflow experiment (repeatable; default corexp)")
     ap.add_argument("--measure", default="nDCG@10")
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
         print("\nwritten:", *written, sep="\n  ")
     except CorexpError as err:
-        print(f"corexp.report: error: {err}", file=sys.stderr)
+        print(f"corexp.report.tables: error: {err}", file=sys.stderr)
         return 2
     return 0
 

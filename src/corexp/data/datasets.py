@@ -154,7 +154,7 @@ def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
 
 
 def write_trec_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> None:
-    from corexp.cache import atomic_write_text
+    from corexp.files import atomic_write_text
 
     lines = [
         f"{qid} Q0 {doc} {rank} {score:.6f} {tag}"

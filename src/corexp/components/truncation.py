@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from corexp.components import Component
+from corexp.components.base import Component
 from corexp.errors import CorexpError
 from corexp.settings import setting
 

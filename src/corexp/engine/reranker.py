@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from corexp.attention import Readout, TreePass, recording, tree_pass
-from corexp.data import Document
+from corexp.data.datasets import Document
+from corexp.engine.attention import Readout, TreePass, recording, tree_pass
+from corexp.engine.models import LoadedModel
+from corexp.engine.prompt import EncodedPrompt, PromptBuilder, verify_spans
+from corexp.engine.readout_cache import HeadTable, ReadoutCache
+from corexp.engine.scoring import document_scores, rank
 from corexp.errors import CorexpError
-from corexp.models import LoadedModel
-from corexp.prompt import EncodedPrompt, PromptBuilder, verify_spans
-from corexp.readout_cache import HeadTable, ReadoutCache
-from corexp.scoring import document_scores, rank
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,8 @@ def build_reranker(model: str = "smollm2", heads: list[Head] | None = None, prom
     """Python API without Hydra's CLI: compose the packaged configs, validate them as a job does, load the model (only the
     layers up to the deepest given head)."""
     from corexp.config import compose_config
+    from corexp.engine.models import load_model
     from corexp.job import Job
-    from corexp.models import load_model
 
     job = Job.from_config(compose_config([f"model={model}", f"prompt={prompt}", *(overrides or [])]))
     keep = None if heads is None else max(layer for layer, _ in heads) + 1

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from corexp.cache import atomic_write_json, cached, ensure_writable_dir, stable_key
-from corexp.data import IRDataset, read_trec_run, write_trec_run
+from corexp.data.datasets import IRDataset, read_trec_run, write_trec_run
+from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
-from corexp.wheels import download, normalise, sha256_file
+from corexp.files import atomic_write_json, cached, ensure_writable_dir, stable_key
 
 log = logging.getLogger(__name__)
 EMBED_VERSION = "emb-v1"
@@ -91,7 +91,7 @@ def load_encoder(enc_cfg: Any, cache_dir: Path) -> Encoder:
         folder = wheel_folder(enc_cfg, cache_dir)
         source, identity = str(folder), f"wheel:{enc_cfg.wheel.sha256}"
     elif enc_cfg.get("hf_id"):
-        from corexp.hub import ensure_available
+        from corexp.engine.hub import ensure_available
 
         folder = ensure_available(enc_cfg.hf_id, "first_stage.encoder", required_file="modules.json",
                                   not_found_hint="it is not a sentence-transformers bi-encoder (no modules.json)")
@@ -103,7 +103,7 @@ def load_encoder(enc_cfg: Any, cache_dir: Path) -> Encoder:
                           "set first_stage.encoder to a sentence-transformers model")
     from sentence_transformers import SentenceTransformer
 
-    from corexp.models import resolve_device
+    from corexp.engine.models import resolve_device
 
     device = str(resolve_device(enc_cfg.get("device", "auto")))
     try:

@@ -1,37 +1,13 @@
-"""Calibrated document scores (METHOD.md §3): c = s(q) - s("N/A"), mean-2σ mask, sum; ranking with tie-breaks;
-fusion with the first stage (one class per option of `fusion`)."""
+"""Fusion of the attention score with the first stage's (METHOD.md §3): one class per option of `fusion`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from corexp.components import Component
+from corexp.components.base import Component
+from corexp.engine.scoring import rank
 from corexp.settings import setting
-
-
-def document_scores(calibrated: torch.Tensor, spans: list[tuple[int, int]]) -> list[float]:
-    """Per document: sum of c_j over its tokens with c_j > mean - 2*std (unbiased); one token: c_j; none: 0."""
-    scores = []
-    for a, b in spans:
-        c = calibrated[a:b].double()
-        n = int(c.numel())
-        if n == 0:
-            scores.append(0.0)
-        elif n == 1:
-            scores.append(float(c[0]))
-        else:
-            threshold = c.mean() - 2 * c.std(unbiased=True)
-            scores.append(float(c[c > threshold].sum()))
-    return [s if s == s and abs(s) != float("inf") else 0.0 for s in scores]
-
-
-def rank(doc_ids: list[str], scores: list[float]) -> list[tuple[str, float]]:
-    """Descending score; ties by first-stage rank (the order of doc_ids). Always a permutation of doc_ids."""
-    order = sorted(range(len(doc_ids)), key=lambda i: (-scores[i], i))
-    return [(doc_ids[i], scores[i]) for i in order]
 
 
 def minmax(values: list[float]) -> list[float]:
@@ -86,9 +62,3 @@ class RRFFusion(Fusion):
 
     def label(self, hide: frozenset[str] = frozenset()) -> str:
         return "fusion=rrf"
-
-
-def trec_scores(ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Strictly decreasing scores for the TREC file, so trec_eval's own tie-breaking can never reorder it."""
-    n = len(ranked)
-    return [(d, float(n - i)) for i, (d, _) in enumerate(ranked)]

@@ -19,20 +19,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from corexp import tracking
-from corexp.data import IRDataset, load_dataset, select_queries
-from corexp.detection import detection_table
+from corexp.components.detection import detection_table
+from corexp.components.first_stage import Candidates
+from corexp.components.heads import HeadSelection, SelectionContext
+from corexp.data.datasets import IRDataset, load_dataset, select_queries
+from corexp.data.evaluation import Evaluation, evaluate
+from corexp.engine.memory import PeakMemory
+from corexp.engine.models import ModelInfo, load_model, load_tokenizer, model_info, resolve_device
+from corexp.engine.prompt import PromptBuilder, for_detection
+from corexp.engine.readout_cache import ReadoutCache
+from corexp.engine.reranker import AttentionReranker, QueryStats
+from corexp.engine.scoring import rank, trec_scores
 from corexp.errors import CorexpError, one_line
-from corexp.evaluation import Evaluation, evaluate
-from corexp.first_stage import Candidates
-from corexp.heads import HeadSelection, SelectionContext
 from corexp.job import Job
-from corexp.memory import PeakMemory
-from corexp.models import ModelInfo, load_model, load_tokenizer, model_info, resolve_device
-from corexp.prompt import PromptBuilder, for_detection
-from corexp.readout_cache import ReadoutCache
-from corexp.reranker import AttentionReranker, QueryStats
-from corexp.scoring import rank, trec_scores
+from corexp.tracking import store as tracking
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def summarize(job: Job, run: Any, metrics: dict[str, float], per_query: Any = No
     """The end-of-job summary of an MLflow run (the primary measure is the first of data.measures)."""
     from scipy.stats import ttest_rel
 
-    from corexp.evaluation import safe_name
+    from corexp.data.evaluation import safe_name
 
     measure = str(job.measures[0])
     fs = metrics.get(f"first_stage.{safe_name(job.measures[0])}", float("nan"))

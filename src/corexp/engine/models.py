@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from corexp.attention import register as register_attention
-from corexp.cache import ensure_writable_dir, file_lock
+from corexp.engine.attention import register as register_attention
+from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
-from corexp.wheels import download, normalise, sha256_file
+from corexp.files import ensure_writable_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def loading(cfg: Any, source: str, desc: str) -> Iterator[None]:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         hub_err = _hub_cause(err) if desc.startswith("hf:") else None
         if hub_err is not None:  # transformers re-raises the Hub's error as an OSError: explain the original
-            from corexp import hub
+            from corexp.engine import hub
 
             raise CorexpError(hub.explain(hub_err, cfg.hf_id, "model.hf_id")) from None
         if type(err).__name__ == "SafetensorError" or "deserializ" in first:
@@ -223,7 +223,7 @@ def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
         folder, sha = converted_checkpoint(cfg, cache_dir)
         return str(folder), sha, f"gguf:{cfg.gguf.filename}"
     if cfg.get("hf_id"):
-        from corexp import hub
+        from corexp.engine import hub
 
         if not hub.is_cached(cfg.hf_id):
             hub.probe(cfg.hf_id, "model")  # one line within seconds when it cannot be downloaded from here
@@ -233,7 +233,7 @@ def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
 
 def _hub_kwargs(cfg: Any, source: str) -> dict[str, Any]:
     """A cached Hub model loads without network calls (no update checks, no retries when offline)."""
-    from corexp import hub
+    from corexp.engine import hub
 
     if cfg.get("path") or cfg.get("gguf") or source != cfg.get("hf_id"):
         return {}

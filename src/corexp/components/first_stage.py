@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from corexp.cache import cached, stable_key
-from corexp.components import Component
-from corexp.data import IRDataset, read_trec_run, write_trec_run
+from corexp.components.base import Component
+from corexp.data.datasets import IRDataset, read_trec_run, write_trec_run
 from corexp.errors import CorexpError
+from corexp.files import cached, stable_key
 from corexp.settings import setting
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Dense(FirstStage):
     chunk_size: int = setting(65536, ge=1, doc="corpus rows per matrix product of the exact search (bounded memory)")
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
-        from corexp.dense import dense_run
+        from corexp.components.dense import dense_run
 
         return dense_run(ds, query_ids, self, cache_dir, progress), self.label()
 
@@ -154,7 +154,7 @@ class Hybrid(BM25Params, Dense):
     rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
-        from corexp.dense import dense_run
+        from corexp.components.dense import dense_run
 
         dense = dense_run(ds, query_ids, self, cache_dir, progress)
         sparse = cached_bm25(ds, query_ids, self, cache_dir, progress)

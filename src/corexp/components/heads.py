@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from corexp.components import Component
+from corexp.components.base import Component
 from corexp.errors import CorexpError
 from corexp.settings import setting
 

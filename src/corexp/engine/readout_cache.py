@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corexp.cache import atomic_write_bytes, file_lock
+from corexp.files import atomic_write_bytes, file_lock
 
 TABLE_VERSION = "readout-table-v2"  # v2: real and N/A rows stored apart (v1: their difference)
 
@@ -29,7 +29,7 @@ def code_digest() -> str:
     """The read-out arithmetic (corexp/attention.py) and the libraries that run the forward."""
     import transformers
 
-    from corexp import attention
+    from corexp.engine import attention
 
     src = Path(attention.__file__).read_bytes()
     return hashlib.sha256(src + f"|{torch.__version__}|{transformers.__version__}|{TABLE_VERSION}".encode()).hexdigest()

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from corexp.cache import atomic_write_bytes, cached, stable_key
-from corexp.data import IRDataset, load_dataset
+from corexp.components.heads import DetectionTable
+from corexp.data.datasets import IRDataset, load_dataset
 from corexp.errors import CorexpError
-from corexp.heads import DetectionTable
+from corexp.files import atomic_write_bytes, cached, stable_key
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "det-v2"

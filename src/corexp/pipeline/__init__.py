@@ -1,0 +1,1 @@
+"""The pipeline: one job from its typed components to a logged result."""

@@ -1,0 +1,51 @@
+"""Which code computed a run: a digest of the compute path's code and of the libraries that change its numbers.
+
+The compute path is the packages that turn a config into numbers: corexp.data, corexp.engine, corexp.components and
+corexp.pipeline. Each module enters as its syntax tree without docstrings, so rewording a docstring or a comment, or
+reformatting, reruns nothing, while any change of code does; the report, the studies, tracking and the CLI are outside
+it (editing them never marks a FINISHED run as older code).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+from corexp.locations import PACKAGE_DIR
+
+COMPUTE_PATH = ("data", "engine", "components", "pipeline")
+# Libraries whose version changes the numbers a job computes (attention arithmetic, tokenization, retrieval, measures).
+NUMERIC_LIBRARIES = ("torch", "transformers", "tokenizers", "sentence-transformers", "bm25s", "PyStemmer", "ir_measures")
+
+
+def normalized_source(path: Path) -> bytes:
+    """The module's syntax tree without docstrings (comments and layout never reach the tree)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False).encode()
+
+
+def compute_files(package: Path = PACKAGE_DIR) -> list[Path]:
+    return sorted(p for part in COMPUTE_PATH for p in (package / part).rglob("*.py"))
+
+
+@functools.cache
+def code_digest(package: Path = PACKAGE_DIR) -> str:
+    """sha256 over the compute path's normalized modules and the versions of NUMERIC_LIBRARIES (16 hex digits)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    for path in compute_files(package):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + normalized_source(path) + b"\0")
+    for name in NUMERIC_LIBRARIES:
+        try:
+            h.update(f"{name}=={version(name)}\0".encode())
+        except PackageNotFoundError:
+            h.update(f"{name}: absent\0".encode())
+    return h.hexdigest()[:16]
