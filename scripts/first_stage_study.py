@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from corexp.components import dense
-from corexp.components.base import build
-from corexp.config import compose_config
+from corexp.config import build, compose_config
 from corexp.data.datasets import load_local, select_queries
 from corexp.data.evaluation import evaluate, parse_measures
 

@@ -41,3 +41,15 @@ def mlflow_server(backend_uri: str, *extra: str, command: str = "server", log_fi
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def build_job(overrides=()):
+    """The Job of `python -m corexp <overrides>` (composed with Hydra's compose API, built at the door)."""
+    from corexp.job import Job
+
+    return Job.from_config(compose_config(list(overrides)))
+
+
+def prompt_spec(name="core", *overrides):
+    """A prompt preset's PromptSpec, as a job builds it (nested strategies instantiated)."""
+    return build_job([f"prompt={name}", *overrides]).prompt

@@ -40,7 +40,7 @@ def assert_one_line(proc, out, *fragments, code=None):
     assert proc.returncode != 0, out[-3000:]
     assert code is None or proc.returncode == code, (proc.returncode, out[-3000:])
     assert "Traceback" not in out and len(lines) <= 4, out[-3000:]
-    error = next(line for line in lines if line.startswith(("corexp: error:", "corexp.report.tables: error:")))
+    error = next(line for line in lines if line.startswith(("corexp: error:", "corexp.report: error:")))
     for fragment in fragments:
         assert fragment in error, error
 

@@ -136,9 +136,11 @@ def test_the_data_set_race_of_concurrent_jobs_is_retried(monkeypatch):
     """MLflow's server inserts a new data set after checking it is absent; two jobs doing that at once make one of
     them fail with a UNIQUE constraint (reproduced: 1 of 10 runs of the 4-worker sweep above). The losing job retries
     and only links the data set that now exists."""
+    from types import SimpleNamespace
+
     from mlflow.exceptions import MlflowException
 
-    from corexp.tracking import store as tracking
+    from corexp.tracking.tracker import ActiveRun
 
     calls = []
 
@@ -150,8 +152,8 @@ def test_the_data_set_race_of_concurrent_jobs_is_retried(monkeypatch):
                 raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
                                       "datasets.name, datasets.digest")
 
-    tracking.log_input(FakeMlflow, object())
+    ActiveRun(SimpleNamespace(mlflow=FakeMlflow), "r", "n").log_dataset("scifact", "https://ir-datasets.com/beir.html", "d")
     assert calls == ["evaluation", "evaluation"]
+    failing = type("M", (), {"log_input": staticmethod(lambda d, context: (_ for _ in ()).throw(MlflowException("other failure")))})
     with pytest.raises(MlflowException, match="other"):
-        tracking.log_input(type("M", (), {"log_input": staticmethod(lambda d, context: (_ for _ in ()).throw(
-            MlflowException("other failure")))}), object())
+        ActiveRun(SimpleNamespace(mlflow=failing), "r", "n").log_dataset("scifact", "https://ir-datasets.com/beir.html", "d")

@@ -1,88 +1,126 @@
+"""The config is read once, at the door: every group (and every nested strategy) is a class built from its YAML's
+`_target_`; defaults live in those classes; imports go only downward through the layers."""
+
+import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from corexp.config import config_dir
+from corexp.config import GROUP_CLASSES, GROUPS, NESTED, config_dir, options
+from corexp.errors import CorexpError
+from corexp.job import Job
 
-from helpers import compose_cfg
+from helpers import build_job, compose_cfg
 
 CONF = config_dir()
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "corexp"
 
 
 def test_default_composes_to_the_offline_job():
-    cfg = compose_cfg()
-    assert cfg.model.name == "smollm2" and cfg.first_stage.depth == 20
-    assert (cfg.heads._target_, cfg.heads.k, cfg.truncation._target_) == (
-        "corexp.components.heads.CoReHeads", 8, "corexp.components.truncation.AutoTruncation")  # the paper's method by default
-    assert Path(cfg.data.local_dir).joinpath("qrels", "test.tsv").is_file()
-    assert cfg.tracking.uri.startswith("sqlite:///") and Path(cfg.paths.root_dir).is_absolute()
-    assert cfg.prompt.query_span_end == "query" and cfg.prompt.doc_order == "retriever"
+    from corexp.components.heads import CoReHeads
+    from corexp.components.truncation import AutoTruncation
+    from corexp.engine.prompt import OffsetSpans, RetrieverOrder
+
+    job = build_job()
+    assert job.model.name == "smollm2" and job.first_stage.depth == 20
+    assert isinstance(job.heads, CoReHeads) and job.heads.k == 8 and isinstance(job.truncation, AutoTruncation)
+    assert Path(job.data.local_dir).joinpath("qrels", "test.tsv").is_file()
+    assert job.tracking.uri.startswith("sqlite:///") and Path(job.paths.root_dir).is_absolute()
+    assert job.prompt.span_rule == OffsetSpans("query") and job.prompt.doc_order == RetrieverOrder()
+    assert (job.detection.num_queries, job.detection.max_words, job.scoring.calibration) == (40, 60, True)
 
 
-@pytest.mark.parametrize("group", ["model", "data", "prompt", "heads", "truncation", "fusion", "first_stage", "detection"])
-def test_every_option_of_every_group_composes(group):
-    for f in sorted((CONF / group).glob("[!_]*.yaml")):
-        cfg = compose_cfg([f"{group}={f.stem}"])
-        OmegaConf.to_container(cfg[group], resolve=True)
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("[!_]*.yaml"))
+
+
+@pytest.mark.parametrize("group", [*GROUPS, *[g for g in GROUP_CLASSES if g != "first_stage/encoder"], *NESTED])
+def test_every_option_of_every_group_is_built(group):
+    """Each option composes and is instantiated (nested `_target_`s included) into its class, checked by its rules."""
+    for name in _options(group):
+        if "/" in group:  # a nested strategy: chosen inside a parent that has the group
+            parent = {"first_stage/encoder": ["first_stage=dense"]}.get(group, [])
+            job = build_job([*parent, f"{group}={name}"])
+            component = getattr(getattr(job, group.split("/")[0]), group.split("/")[1])
+        else:
+            job = build_job([f"{group}={name}"])
+            component = job.components().get(group) if group != "truncation" else job.truncation
+        expected = options(group).get(name) or GROUP_CLASSES.get(group)
+        assert isinstance(component, expected), (group, name, type(component))
+
+
+def test_option_files_hold_only_declared_settings_and_no_restated_default():
+    """Defaults live in one place (the class): an option's YAML names its class and only what differs from it."""
+    for folder in sorted(p for p in CONF.rglob("*") if p.is_dir() and not p.name.startswith(("hydra", "experiment"))):
+        group = folder.relative_to(CONF).as_posix()
+        for path in sorted(folder.glob("*.yaml")):
+            own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            own.pop("defaults", None)
+            target = own.pop("_target_", None)
+            if target is None:
+                continue
+            import hydra.utils
+
+            cls = hydra.utils.get_class(target)
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for key, value in own.items():
+                assert key in fields, (path, key)
+                f = fields[key]
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+                assert value != default or (isinstance(value, str) and "${" in value), (f"{group}/{path.name}", key, value)
 
 
 def test_experiment_files_hold_only_overrides():
     for f in sorted((CONF / "experiment").glob("*.yaml")):
         assert f.read_text().lstrip().startswith("# @package _global_"), f
-        compose_cfg([f"experiment={f.stem}"])
+        Job.from_config(compose_cfg([f"experiment={f.stem}"]))
+    pruning = build_job(["experiment=paper_pruning"])
+    assert pruning.first_stage.depth == 40 and pruning.truncation.name == "fraction" and pruning.prompt.max_words == 300
 
 
 def test_typos_and_wrong_types_are_rejected():
-    from corexp.errors import CorexpError
-    from corexp.job import Job
-
     with pytest.raises(ConfigCompositionException):
-        compose_cfg(["heads.kk=3"])  # no heads option declares kk
+        compose_cfg(["heads.kk=3"])  # no heads option declares kk (the CLI rejects it before Hydra: test_validation)
     with pytest.raises(ConfigCompositionException):
-        compose_cfg(["model.dtpye=float32"])  # structured schema of a settings group
+        compose_cfg(["model.dtpye=float32"])
     with pytest.raises(CorexpError, match="heads.k='eight' is not allowed: use an integer >= 1"):
-        Job.from_config(compose_cfg(["heads.k=eight"]))
-
-
-@pytest.mark.parametrize("group", ["heads", "first_stage", "truncation", "fusion"])
-def test_every_option_is_one_class_instantiated_from_its_yaml(group):
-    """Each option's YAML holds `_target_` and exactly the class's declared settings; Hydra instantiates it."""
-    import dataclasses
-
-    from corexp.components.base import build, options
-
-    assert options(group), group
-    for name, cls in options(group).items():
-        node = compose_cfg([f"{group}={name}"])[group]
-        built = build(node, group)
-        assert type(built.component) is cls and built.component.name == name and not built.ignored
-        assert set(node) - {"_target_"} == {f.name for f in dataclasses.fields(cls)}, name
+        build_job(["heads.k=eight"])
+    with pytest.raises(CorexpError, match="prompt.doc_order.seed=-1 is not allowed"):
+        build_job(["prompt=shuffled", "prompt.doc_order.seed=-1"])
 
 
 def test_a_group_setting_reaches_the_options_that_take_it():
-    from corexp.job import Job
-
-    icr = Job.from_config(compose_cfg(["heads=all", "heads.k=8"]))
-    assert icr.ignored == ["heads.k=8 is ignored by heads=all (ICR uses every head; heads=core, qrhead or random take a top-k)"]
-    assert Job.from_config(compose_cfg(["heads=qrhead", "heads.tau=0.5"])).ignored == ["heads.tau=0.5 is ignored by heads=qrhead"]
-    core = Job.from_config(compose_cfg(["heads.k=4"]))
-    assert core.ignored == [] and core.heads.k == 4
+    icr = build_job(["heads=all", "heads.k=8"])
+    assert icr.ignored == ("heads.k=8 is ignored by heads=all (ICR uses every head; heads=core, qrhead or random take a top-k)",)
+    assert build_job(["heads=qrhead", "heads.tau=0.5"]).ignored == ("heads.tau=0.5 is ignored by heads=qrhead",)
+    core = build_job(["heads.k=4"])
+    assert core.ignored == () and core.heads.k == 4
 
 
 def test_key_overrides_used_by_the_docs():
-    cfg = compose_cfg(["model=qwen25coder", "data=dl19", "first_stage.depth=10", "data.max_queries=5",
-                       "heads=core", "heads.k=4", "tracking.uri=sqlite:////tmp/x.db", "truncation=auto"])
-    assert (cfg.model.template, cfg.data.irds_id, cfg.heads.k) == ("chatml", "msmarco-passage/trec-dl-2019/judged", 4)
-    assert "RR(rel=2)" in cfg.data.measures and cfg.truncation._target_.endswith("AutoTruncation")
-    assert compose_cfg(["model=llama"]).model.published_heads.core[0] == "13-18"
+    from corexp.engine.prompt import ReversedOrder
+
+    job = build_job(["model=qwen25coder", "data=dl19", "first_stage.depth=10", "data.max_queries=5", "heads=core", "heads.k=4",
+                     "tracking.uri=sqlite:////tmp/x.db", "truncation=auto", "prompt.doc_order=reversed",
+                     "heads=layers", "heads.start=2", "heads.end=6"])
+    assert (job.model.template, job.data.irds_id, job.first_stage.depth, job.data.max_queries) == (
+        "chatml", "msmarco-passage/trec-dl-2019/judged", 10, 5)
+    assert "RR(rel=2)" in job.data.measures and job.prompt.doc_order == ReversedOrder()
+    assert (job.heads.start, job.heads.end) == (2, 6)
+    assert build_job(["model=llama"]).model.published_heads["core"][0] == "13-18"
 
 
-def test_hydra_runs_in_place_and_under_root():
+def test_hydra_runs_in_place_and_folders_are_unique_per_process():
+    import os
+
     cfg = compose_cfg(return_hydra_config=True)
     assert cfg.hydra.job.chdir is False
-    assert cfg.hydra.run.dir.startswith(cfg.paths.root_dir)
+    assert cfg.hydra.run.dir.startswith(cfg.paths.root_dir) and cfg.hydra.run.dir.endswith(f"-{os.getpid()}")
+    assert cfg.hydra.sweep.dir.endswith(f"-{os.getpid()}")
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local_parallel", "JoblibLauncher")])
@@ -94,17 +132,11 @@ def test_launcher_configs_compose(launcher, target):
 def test_cpu_grid_sweeps_the_issue_grid():
     cfg = compose_cfg(["experiment=cpu_grid"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert params.model == "smollm2,gemma3,qwen25coder" and params["heads.k"] == "4,8,16"
-    assert compose_cfg(["experiment=paper_pruning"]).truncation._target_.endswith("FractionTruncation")
+    assert params.model == "smollm2,gemma3,qwen25coder" and params["++heads.k"] == "4,8,16"
 
 
 def _hash(overrides):
-    from corexp.job import Job
-    from corexp.tracking.store import config_hash
-
-    cfg = compose_cfg(overrides)
-    cfg.paths.output_dir = "/unused"  # outside a Hydra job; paths are not part of a job's identity anyway
-    return config_hash(Job.from_config(cfg))
+    return build_job(overrides).identity().config_hash
 
 
 def test_config_hash_ignores_only_fields_the_method_never_reads():
@@ -115,14 +147,35 @@ def test_config_hash_ignores_only_fields_the_method_never_reads():
     assert _hash(["truncation=none", "truncation.fraction=0.3"]) == _hash(["truncation=none"])
     assert _hash(["model.dtype=auto"]) == _hash(["model.dtype=float32"])  # auto is float32 on a CPU
     assert _hash(["readout_cache=true"]) == _hash([])  # how scores are computed, not what
+    assert _hash(["tracking.experiment=other"]) == _hash([])
     # ...and still separates every field that changes what a job computes.
     distinct = [["heads=core", "heads.k=4"], ["heads=core", "heads.k=8"], ["heads=core", "heads.tau=0.5"],
                 ["heads=qrhead", "heads.k=8"], ["heads=core", "heads.k=8", "truncation=none"],
                 ["heads=all", "truncation=fraction"], ["heads=all", "truncation=fraction", "truncation.fraction=0.3"],
                 ["heads=random", "heads.seed=1"], ["heads=random"], ["heads=all", "data.max_queries=5"],
-                ["heads=core", "detection.num_queries=50"], ["heads=core", "model.dtype=bfloat16"]]
+                ["heads=core", "detection.num_queries=50"], ["heads=core", "model.dtype=bfloat16"],
+                ["heads=all", "scoring.calibration=false"], ["heads=all", "prompt.doc_order=reversed"],
+                ["heads=layers", "heads.start=3"], ["heads=window", "heads.width=2"]]
     hashes = [_hash(o) for o in distinct]
     assert len(set(hashes)) == len(hashes) and icr.isdisjoint(hashes)
+
+
+def test_identity_is_the_data_content_not_its_path(tmp_path):
+    """A copy of the data folder elsewhere (another clone, a cluster node) has the same identity; one changed judgment
+    gives another, with the same settings hash (how a job tells 'the data changed')."""
+    import shutil
+
+    from corexp.locations import RESOURCES_DIR
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(RESOURCES_DIR / "scifact_sample", a)
+    shutil.copytree(RESOURCES_DIR / "scifact_sample", b)
+    ia, ib = (build_job(["heads=all", f"data.local_dir={d}"]).identity() for d in (a, b))
+    assert ia == ib
+    with open(b / "qrels" / "test.tsv", "a") as fh:
+        fh.write("1\t4983\t1\n")
+    ic = build_job(["heads=all", f"data.local_dir={b}"]).identity()
+    assert ic.config_hash != ia.config_hash and ic.setup_hash == ia.setup_hash and ic.data_fingerprint != ia.data_fingerprint
 
 
 def test_data_dir_points_every_dataset_at_its_local_folder(tmp_path, monkeypatch):
@@ -134,19 +187,51 @@ def test_data_dir_points_every_dataset_at_its_local_folder(tmp_path, monkeypatch
     assert compose_cfg(["data=scifact"]).data.local_dir is None
 
 
-def test_modules_import_without_cycles():
-    """The layering the README states: no chain of corexp imports (top-level or inside functions) returns to its start."""
-    import ast
+# -- the layers -------------------------------------------------------------------------------------------------------
+LAYERS = [  # lowest first; a module may import its own layer and the layers below, never above
+    ("foundation", ("errors", "settings", "locations", "files")),
+    ("data", ("data",)),
+    ("engine", ("engine",)),
+    ("components", ("components",)),
+    ("tracking", ("tracking",)),
+    ("door", ("config", "job", "callbacks", "validation")),
+    ("pipeline", ("pipeline",)),
+    ("interfaces", ("api", "__main__", "pyterrier", "__init__")),
+    ("reporting", ("report", "studies")),
+]
 
-    package = Path(__file__).resolve().parents[1] / "src" / "corexp"
+
+def _imports():
+    """module path (e.g. engine.prompt) -> corexp modules it imports, at the top or inside functions."""
     graph = {}
-    for f in package.glob("*.py"):
+    for f in PACKAGE.rglob("*.py"):
+        name = ".".join(f.relative_to(PACKAGE).with_suffix("").parts)
         deps = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("corexp"):
-                parts = node.module.split(".")
-                deps |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
-        graph[f.stem] = deps - {f.stem}
+                mod = node.module.split(".", 1)[1] if "." in node.module else ""
+                deps |= {mod or a.name for a in node.names}  # `from corexp import x`: the module x
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("corexp.")}
+        graph[name] = {d for d in deps if d} - {name}
+    return graph
+
+
+def _layer(module):
+    top = module.split(".")[0]
+    return next(i for i, (_, tops) in enumerate(LAYERS) if top in tops)
+
+
+def test_the_folders_are_the_layers_and_imports_only_go_down():
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__" and p.name != "resources"} == {
+        "data", "engine", "components", "pipeline", "tracking", "report", "studies"}
+    upward = [f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+              for m, deps in _imports().items() for d in deps if _layer(d) > _layer(m) and m != "__init__"]
+    assert upward == []
+
+
+def test_modules_import_without_cycles():
+    graph = {m: {d.rsplit(".", 1)[0] if d not in _imports() else d for d in deps} for m, deps in _imports().items()}
     state, cycles = {}, []
 
     def visit(module, stack):
@@ -162,3 +247,23 @@ def test_modules_import_without_cycles():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_below_the_door_nothing_reads_the_config():
+    """Outside __main__, config, settings, validation and job (and the Hydra callback, corexp.callbacks), no module touches a DictConfig
+    or has a parameter typed cfg/job/res: Any."""
+    door = {"__main__", "config", "settings", "validation", "job", "callbacks"}
+    offenders = []
+    for f in PACKAGE.rglob("*.py"):
+        name = ".".join(f.relative_to(PACKAGE).with_suffix("").parts)
+        text = f.read_text()
+        if name in door:
+            continue
+        if "DictConfig" in text or "OmegaConf" in text:
+            offenders.append(f"{name}: DictConfig/OmegaConf")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.args:
+                    if arg.arg in ("cfg", "job", "res") and ast.unparse(arg.annotation or ast.Constant("")) == "Any":
+                        offenders.append(f"{name}.{node.name}({arg.arg}: Any)")
+    assert offenders == []

@@ -8,7 +8,7 @@ from corexp.config import RESOURCES_DIR
 from corexp.data.datasets import load_local, read_trec_run
 from corexp.errors import CorexpError
 
-from helpers import compose_cfg
+from helpers import build_job
 
 
 def test_shared_scifact_local_folder(shared_data):
@@ -113,10 +113,7 @@ def test_ir_datasets_loads_offline_from_shared_files(irds_home):
 
 
 def test_corexp_irds_source_reads_the_same_queries(irds_home):
-    from corexp.data.datasets import load_dataset
-
-    cfg = compose_cfg(["data=dl19"]).data
-    ds = load_dataset(cfg)
+    ds = build_job(["data=dl19"]).data.load()
     assert len(ds.queries) == 43 and sum(len(v) for v in ds.qrels.values()) == 9260
     assert ds.run is not None and len(ds.run) == 43
     first = next(iter(ds.run.values()))[0][0]

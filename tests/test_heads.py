@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from corexp.components import heads as H
 from corexp.components.detection import build_instances
@@ -8,7 +7,7 @@ from corexp.config import RESOURCES_DIR
 from corexp.data.datasets import load_local
 from corexp.errors import CorexpError
 
-from helpers import compose_cfg
+from helpers import build_job
 
 
 def masses_fixture():
@@ -47,7 +46,7 @@ def test_top_k_random_published_and_errors():
     assert H.top_k(scores, 3) == [(0, 1), (1, 1), (1, 0)]
     assert H.top_k(scores, 1, max_layer=1) == [(0, 1)]
     assert H.random_heads(4, 4, 5, seed=1) == H.random_heads(4, 4, 5, seed=1)
-    published = H.SelectionContext(32, 32, published=dict(compose_cfg(["model=mistral"]).model.published_heads))
+    published = H.SelectionContext(32, 32, published=build_job(["model=mistral"]).model.published_heads)
     assert H.PublishedHeads(k=2).select(published).heads == [(15, 21), (15, 1)]
     for bad in (0, 5):
         with pytest.raises(CorexpError, match="out of range"):
@@ -64,7 +63,7 @@ def test_jaccard_and_layer_stats():
 
 
 def test_detection_instances_never_use_judged_positives_as_negatives():
-    cfg = compose_cfg(["detection.positions=3"]).detection
+    cfg = build_job(["detection.positions=3"]).detection
     ds = load_local(RESOURCES_DIR / "scifact_sample", "train", "train")
     inst = build_instances(ds, ds.run, cfg)
     assert len(inst) == 3 * len({i["query_id"] for i in inst})
@@ -82,19 +81,23 @@ def test_detection_folds_are_disjoint_blocks_of_one_order(shared_data, tmp_path)
     from corexp.components.first_stage import cached_bm25
 
     ds = load_local(shared_data / "scifact", "train", "scifact-train")
-    cfg = OmegaConf.create({"seed": 0, "num_queries": 40, "num_negatives": 19, "positions": 1, "fold": 0,
-                            "k1": 0.9, "b": 0.4, "method": "lucene", "stemmer": "english", "stopwords": "en", "hits": 100})
+    from dataclasses import replace
+
+    from corexp.components.detection import Detection
+    from corexp.components.first_stage import BM25
+
+    cfg = Detection(name="scifact-train", num_queries=40, fold=0)
     order = fold_order(ds, cfg)
-    run = cached_bm25(ds, order[:360], cfg, tmp_path, False)
+    run = cached_bm25(ds, order[:360], BM25(), 100, tmp_path, False)
     folds = []
     for fold in range(3):
-        cfg.fold = fold
+        cfg = replace(cfg, fold=fold)
         folds.append({inst["query_id"] for inst in build_instances(ds, run, cfg)})
     assert [len(f) for f in folds] == [40, 40, 40]
     assert not (folds[0] & folds[1]) and not (folds[0] & folds[2]) and not (folds[1] & folds[2])
     # block i of the eligible queries in that order, whatever the pool size
-    cfg.fold = 1
+    cfg = replace(cfg, fold=1)
     assert {inst["query_id"] for inst in build_instances(ds, {q: run[q] for q in order[:240]}, cfg)} == folds[1]
-    cfg.fold = 20
+    cfg = replace(cfg, fold=20)
     with pytest.raises(CorexpError, match="detection.fold=20"):
         build_instances(ds, run, cfg)

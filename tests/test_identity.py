@@ -3,17 +3,15 @@ given one config compute it once."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
 
-from corexp.tracking import store as tracking
+from corexp.tracking.liveness import ProcessId
 
 from tiny_models import save_tiny_checkpoint
 
@@ -106,23 +104,40 @@ def test_two_processes_on_one_config_compute_it_once(tmp_path, tiny):
     assert len(computed) == 1 and (len(waited) == 1 or sum("skipped" in log for log in logs) == 1), logs
 
 
-def fake_run(start_s, host, pid=None, heartbeat=None, status="RUNNING"):
-    tags = {"host": host, **({"pid": str(pid)} if pid is not None else {}), **({"heartbeat": str(heartbeat)} if heartbeat else {})}
-    return SimpleNamespace(info=SimpleNamespace(start_time=int(start_s * 1000), run_id=f"r{start_s}", status=status),
-                           data=SimpleNamespace(tags=tags))
+def test_liveness_cannot_be_fooled_by_pid_reuse_or_a_shared_host_name():
+    """Same kernel and pid namespace: a pid is alive only with its recorded start time (a reused pid is dead); another
+    boot id (a cloned VM with the same host name) or another pid namespace (a container with host networking) is
+    judged by its heartbeat alone, never by a pid that means something else there."""
+    from corexp.tracking.liveness import ProcessId, is_alive, start_ticks
 
-
-def test_a_running_run_is_failed_only_when_its_process_is_provably_gone():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    now, here = time.time(), socket.gethostname()
-    assert tracking.run_is_alive(fake_run(now - 9999, here, os.getpid()), 600, now)  # old, but its process lives
-    assert not tracking.run_is_alive(fake_run(now - 1, here, dead.pid), 600, now)  # new, but its process is gone
-    assert tracking.run_is_alive(fake_run(now - 9999, "node7", 1, heartbeat=now - 60), 600, now)  # heartbeat 1 min ago
-    assert not tracking.run_is_alive(fake_run(now - 9999, "node7", 1, heartbeat=now - 601), 600, now)
-    assert not tracking.run_is_alive(fake_run(now - 700, "node7"), 600, now)  # no heartbeat: its start counts
-    first, second = fake_run(10, here), fake_run(11, here)
-    assert tracking.earliest([second, first]) is first
+    here, now = ProcessId.current(), time.time()
+    assert here.boot_id and here.pid_ns and here.start == start_ticks(os.getpid())
+    me = here.tags()
+    old = (now - 9999) * 1000
+    assert is_alive(me, old, 600, now, here)  # old, but its process lives
+    assert not is_alive({**me, "pid": str(dead.pid), "pid_start": "1"}, now * 1000, 600, now, here)  # gone
+    assert not is_alive({**me, "pid_start": str(int(here.start) + 1)}, old, 600, now, here)  # the pid was reused
+    clone = {**me, "boot_id": "another-boot"}  # same host name and pid, another machine
+    assert is_alive({**clone, "heartbeat": str(now - 60)}, old, 600, now, here)
+    assert not is_alive({**clone, "heartbeat": str(now - 601)}, old, 600, now, here)
+    container = {**me, "pid_ns": "pid:[1]", "pid": str(dead.pid)}  # its pid means nothing in this namespace
+    assert is_alive({**container, "heartbeat": str(now - 5)}, old, 600, now, here)
+    assert not is_alive({"host": here.host, "pid": str(os.getpid())}, (now - 700) * 1000, 600, now, here)  # no heartbeat
+
+
+def test_waiting_for_another_run_has_a_limit_and_says_so(tmp_path):
+    from corexp.errors import CorexpError
+    from corexp.tracking.liveness import ProcessId
+    from corexp.tracking.tracker import StoredRun, TrackingSpec
+
+    tracker = TrackingSpec(uri=f"sqlite:///{tmp_path}/m.db", experiment="w", wait_limit_s=2).open()
+    other = tracker.client.create_run(tracker.experiment_id, tags=ProcessId.current().tags())  # a live process's run
+    t0 = time.time()
+    with pytest.raises(CorexpError, match=r"still RUNNING after the 2 s this job waits \(tracking.wait_limit_s\)"):
+        tracker.wait_for(StoredRun.of(tracker.client.get_run(other.info.run_id)), poll_s=0.2)
+    assert time.time() - t0 < 10
 
 
 def test_a_killed_run_of_another_config_is_failed_by_the_next_job(tmp_path, tiny):
@@ -133,8 +148,9 @@ def test_a_killed_run_of_another_config_is_failed_by_the_next_job(tmp_path, tiny
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     exp = mlflow.create_experiment("corexp", artifact_location=(tmp_path / "art").as_uri())
     client = mlflow.MlflowClient()
-    killed = client.create_run(exp, tags={"host": socket.gethostname(), "pid": str(dead.pid), "config_hash": "other"})
-    alive = client.create_run(exp, tags={"host": socket.gethostname(), "pid": str(os.getpid()), "config_hash": "other"})
+    here = ProcessId.current().tags()
+    killed = client.create_run(exp, tags={**here, "pid": str(dead.pid), "pid_start": "1", "config_hash": "other"})
+    alive = client.create_run(exp, tags={**here, "config_hash": "other"})
     proc = cli(job_args(tiny, tmp_path, f"hydra.run.dir={tmp_path}/out", "model.dtype=bfloat16"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert client.get_run(killed.info.run_id).info.status == "FAILED"

@@ -7,11 +7,11 @@ The expected strings below are written by hand from docs/OFFICIAL_PROMPTS.md (tw
 import pytest
 
 from corexp.data.datasets import Document
-from corexp.engine.prompt import for_dataset, prepare_text
+from corexp.engine.prompt import SpaceWords, TextField, TitleNewlineTextField, TitleTextField, WhitespaceWords, prepare_text
 from corexp.engine.reranker import AttentionReranker
 from corexp.errors import CorexpError
 
-from helpers import compose_cfg
+from helpers import build_job, prompt_spec
 
 DOCS = [Document("d1", "Title A", "first doc text"), Document("d2", "", "second doc text")]
 QUERY = " what is x? "
@@ -55,8 +55,7 @@ def tiny_lm(tmp_path_factory):
 
 
 def reranker(lm, preset, family, dataset="scifact", question_style=False):
-    cfg = compose_cfg([f"prompt={preset}"]).prompt
-    return AttentionReranker(lm, for_dataset(cfg, dataset, question_style), None, template=family)
+    return AttentionReranker(lm, prompt_spec(preset).for_dataset(dataset, question_style), None, template=family)
 
 
 @pytest.mark.parametrize("preset,family", sorted(EXPECTED))
@@ -69,7 +68,7 @@ def test_official_prompt_string_is_exact(tiny_lm, preset, family):
 
 def test_presets_define_exactly_the_papers_families(tiny_lm):
     for preset, families in FAMILIES.items():
-        assert set(compose_cfg([f"prompt={preset}"]).prompt.families) == families
+        assert set(prompt_spec(preset).families) == families
         with pytest.raises(CorexpError, match=f"prompt={preset} defines the model families .*not 'plain'"):
             reranker(tiny_lm, preset, "plain")
 
@@ -82,18 +81,20 @@ def test_icr_question_instruction_and_fiqa_text_only(tiny_lm):
 
 
 def test_word_truncation_splits_on_single_spaces_only():
-    assert prepare_text("", "a  b\nc d e", "text", 3, "space") == "a  b\nc"  # "a", "", "b\nc"
-    assert prepare_text("", "a  b\nc d e", "text", 3, "whitespace") == "a b c"
-    assert prepare_text("T", "a b c", "title_text", 2, "space") == "T\na b"
-    assert prepare_text("", "a b c", "title_newline_text", 2, "space") == "\na b"
-    assert prepare_text(None, "a b c", "title_newline_text", 2, "space") == "a b"  # no title field: QRHead adds none
-    assert prepare_text("", " a b c ", "text", 2, "space", "before_cut") == "a b"  # QRHead's driver: strip, then cut
-    assert prepare_text("", " a b c ", "text", 2, "space") == " a"
-    assert prepare_text("", "a b \n c", "text", 3, "space", "after_cut") == "a b"  # CoRe's: cut ("a b \n"), strip
-    presets = {p: compose_cfg([f"prompt={p}"]).prompt for p in FAMILIES}
-    assert {p: (c.max_words, c.word_split, c.strip_text, c.span_rule) for p, c in presets.items()} == {
-        "icr_official": (300, "space", "none", "icr_incremental"), "qrhead_official": (400, "space", "before_cut", "offsets"),
-        "core_official": (300, "space", "after_cut", "core_incremental")}
+    space = SpaceWords()
+    assert prepare_text("", "a  b\nc d e", TextField(), 3, space) == "a  b\nc"  # "a", "", "b\nc"
+    assert prepare_text("", "a  b\nc d e", TextField(), 3, WhitespaceWords()) == "a b c"
+    assert prepare_text("T", "a b c", TitleTextField(), 2, space) == "T\na b"
+    assert prepare_text("", "a b c", TitleNewlineTextField(), 2, space) == "\na b"
+    assert prepare_text(None, "a b c", TitleNewlineTextField(), 2, space) == "a b"  # no title field: QRHead adds none
+    assert prepare_text("", " a b c ", TextField(), 2, SpaceWords(strip_before_cut=True)) == "a b"  # QRHead: strip, then cut
+    assert prepare_text("", " a b c ", TextField(), 2, space) == " a"
+    assert prepare_text("", "a b \n c", TextField(), 3, SpaceWords(strip_after_cut=True)) == "a b"  # CoRe: cut, strip
+    presets = {p: prompt_spec(p) for p in FAMILIES}
+    assert {p: (c.max_words, c.words, c.span_rule.name) for p, c in presets.items()} == {
+        "icr_official": (300, SpaceWords(), "icr_incremental"),
+        "qrhead_official": (400, SpaceWords(strip_before_cut=True), "offsets"),
+        "core_official": (300, SpaceWords(strip_after_cut=True), "core_incremental")}
 
 
 def _check_official_spans(tok, preset, family, docs, query):
@@ -102,9 +103,10 @@ def _check_official_spans(tok, preset, family, docs, query):
     tests/test_parity.py."""
     from types import SimpleNamespace
 
-    cfg = compose_cfg([f"prompt={preset}", "prompt.span_rule=offsets"]).prompt
+    query_end = {"core_official": "suffix_first_token"}.get(preset, "prompt_end")  # the formula's query span per paper
+    cfg = prompt_spec(preset, "prompt.span_rule=offsets", f"prompt.span_rule.query_span_end={query_end}")
     lm = SimpleNamespace(tokenizer=tok, kept_layers=1, num_heads=1, max_context=10**6)
-    rr = AttentionReranker(lm, for_dataset(cfg, "scifact", False), None, template=family)
+    rr = AttentionReranker(lm, cfg.for_dataset("scifact", False), None, template=family)
     texts = rr.doc_texts(docs)
     enc, order = rr.encode(query, texts)
     ids = enc.input_ids[0].tolist()
@@ -138,8 +140,8 @@ def test_official_spans_on_real_tokenizers(model, preset, family, shared_data):
     from corexp.data.datasets import load_local
     from corexp.engine.models import model_source
 
-    cfg = compose_cfg([f"model={model}"])
-    tok = AutoTokenizer.from_pretrained(model_source(cfg.model, cfg.paths.cache_dir)[0])
+    job = build_job([f"model={model}"])
+    tok = AutoTokenizer.from_pretrained(model_source(job.model, job.cache)[0])
     _check_official_spans(tok, preset, family, DOCS, QUERY)
     ds = load_local(shared_data / "scifact", "test", "scifact")
     for qid in sorted(ds.queries)[:3]:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from corexp import build_reranker
 from corexp.components import heads as H
 from corexp.data.datasets import Document
-from corexp.engine.reranker import build_reranker
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 OFFICIAL_TOP8 = [(18, 6), (22, 7), (23, 2), (17, 3), (21, 8), (14, 3), (20, 3), (23, 7)]
@@ -116,21 +116,22 @@ def test_qrhead_edge_prompts():
 def test_core_detection_prompts_spans_and_head_scores():
     """The official detector on 10 instances, T = 0.1: the same prompts and spans ([start, end), no trailing token),
     every head's mean contrastive score within 1e-6, the same top-8 in the same order."""
-    from corexp.config import compose_config
     from corexp.engine.models import load_model
-    from corexp.engine.prompt import encode, for_detection
+    from corexp.engine.prompt import encode
     from corexp.engine.reranker import AttentionReranker
+
+    from helpers import build_job
 
     instances = load("detection_instances.json")
     official = load("official_core_detection_prompts.json")
-    cfg = compose_config(["model=smollm2", "prompt=core_official", "model.template=llama3"])
-    lm = load_model(cfg.model, cfg.paths.cache_dir)
-    rr = AttentionReranker(lm, for_detection(cfg.prompt, cfg.detection.max_words), None, "llama3")
+    job = build_job(["model=smollm2", "prompt=core_official", "model.template=llama3"])
+    lm = load_model(job.model, job.cache)
+    rr = AttentionReranker(lm, job.prompt.for_detection(job.detection.max_words), None, "llama3")
     masses, positives = [], []
     for inst, off in zip(instances, official, strict=True):
         docs = [Document(str(p["idx"]), None, p["paragraph_text"]) for p in inst["paragraphs"]]
         pos = next(i for i, p in enumerate(inst["paragraphs"]) if p["is_positive"])
-        enc = encode(lm.tokenizer, rr.doc_texts(docs), inst["question"], rr.cfg, rr.template, rr.instruction)
+        enc = encode(lm.tokenizer, rr.doc_texts(docs), inst["question"], rr.spec, rr.template, rr.instruction)
         assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"] and pos == off["pos_index"]
         assert enc.doc_spans[pos] == tuple(off["pos_span"])
         assert [s for i, s in enumerate(enc.doc_spans) if i != pos] == [tuple(s) for s in off["neg_span"]]

@@ -3,18 +3,30 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 
-from corexp.config import PromptConfig
 from corexp.data.datasets import load_local
-from corexp.engine.prompt import TEMPLATES, _Offsets, _token_span, build_text, encode, order_documents, prepare_text, verify_spans
+from corexp.engine.prompt import (
+    TEMPLATES,
+    PromptSpec,
+    ReversedOrder,
+    ShuffledOrder,
+    TextField,
+    TitleTextField,
+    WhitespaceWords,
+    _Offsets,
+    _token_span,
+    build_text,
+    encode,
+    prepare_text,
+    verify_spans,
+)
 
-from helpers import compose_cfg
+from helpers import build_job, prompt_spec
 from tiny_models import tiny_tokenizer
 
 
 def test_prompt_text_is_method_md_layout():
-    cfg = OmegaConf.structured(PromptConfig)
+    cfg = PromptSpec()
     text, spans, q0, q1 = build_text(["doc one", "doc two"], "what?", cfg, TEMPLATES["mistral"], cfg.instruction)
     assert text == ("[INST] Here are some paragraphs:\n\n[document 1] doc one\n\n[document 2] doc two\n\n"
                     "Please find information that are relevant to the following query in the paragraphs above."
@@ -24,11 +36,11 @@ def test_prompt_text_is_method_md_layout():
 
 
 def test_order_options_and_text_preparation():
-    assert order_documents(list("abcd"), "reversed", 0, "q") == [3, 2, 1, 0]
-    s1, s2 = order_documents(list("abcdefgh"), "shuffled", 0, "q"), order_documents(list("abcdefgh"), "shuffled", 0, "q")
-    assert s1 == s2 and sorted(s1) == list(range(8))
-    assert prepare_text("T", "a  b\nc d", "text", 3) == "a b c"
-    assert prepare_text("T", "a b", "title_text", 300) == "T\na b"
+    assert ReversedOrder().order(4, "q") == [3, 2, 1, 0]
+    s1, s2 = ShuffledOrder(0).order(8, "q"), ShuffledOrder(0).order(8, "q")
+    assert s1 == s2 and sorted(s1) == list(range(8)) and ShuffledOrder(1).order(8, "q") != s1
+    assert prepare_text("T", "a  b\nc d", TextField(), 3, WhitespaceWords()) == "a b c"
+    assert prepare_text("T", "a b", TitleTextField(), 300, WhitespaceWords()) == "T\na b"
 
 
 def _check_spans(tokenizer, cfg, template, docs, query):
@@ -37,7 +49,7 @@ def _check_spans(tokenizer, cfg, template, docs, query):
     ids = enc.input_ids[0].tolist()
     q_text = tokenizer.decode(ids[enc.q_start:enc.q_end])
     assert q_text.strip().startswith("Please find") and query in q_text
-    if cfg.query_span_end == "query":
+    if cfg.span_rule.query_span_end == "query":
         assert q_text.strip().endswith(query)
     else:
         assert enc.q_end == len(ids)
@@ -47,7 +59,7 @@ def _check_spans(tokenizer, cfg, template, docs, query):
 
 @pytest.mark.parametrize("prompt", ["core", "icr"])
 def test_spans_on_tiny_tokenizer(prompt):
-    cfg = compose_cfg([f"prompt={prompt}"]).prompt
+    cfg = prompt_spec(prompt)
     _check_spans(tiny_tokenizer(), cfg, TEMPLATES["plain"], ["the cells protein", "gene\nexpression"], "cancer risk?")
 
 
@@ -60,17 +72,18 @@ def test_spans_on_real_tokenizers(model, prompt, shared_data):
     from corexp.engine.models import model_source
     from corexp.engine.prompt import resolve_template
 
-    cfg = compose_cfg([f"model={model}", f"prompt={prompt}"])
-    src, _, _ = model_source(cfg.model, cfg.paths.cache_dir)
+    job = build_job([f"model={model}", f"prompt={prompt}"])
+    src, _, _ = model_source(job.model, job.cache)
     tok = AutoTokenizer.from_pretrained(src)
-    template = resolve_template(cfg.model.template, tok)
+    template = resolve_template(job.model.template, tok)
     for folder in ("scifact", "dl19"):
         ds = load_local(shared_data / folder, "test", folder)
         for qid in sorted(ds.queries)[:5]:
             ids = [d for d, _ in ds.run[qid][:20]]
             got = ds.docs.get_many(ids)
-            docs = [prepare_text(got[d].title, got[d].text, cfg.prompt.doc_field, cfg.prompt.max_words) for d in ids]
-            _check_spans(tok, cfg.prompt, template, docs, ds.queries[qid])
+            docs = [prepare_text(got[d].title, got[d].text, job.prompt.doc_field, job.prompt.max_words, job.prompt.words)
+                    for d in ids]
+            _check_spans(tok, job.prompt, template, docs, ds.queries[qid])
 
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=40),

@@ -3,9 +3,8 @@
 import random
 
 import pytest
-from omegaconf import OmegaConf
 
-from corexp.config import PromptConfig
+from corexp.engine.prompt import PromptSpec
 from corexp.engine.readout_cache import ReadoutCache
 from corexp.engine.reranker import AttentionReranker
 
@@ -16,7 +15,7 @@ from tiny_models import save_tiny_checkpoint
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_head_sets_from_the_table_equal_direct_forwards(tmp_path, arch):
     tiny = save_tiny_checkpoint(tmp_path / arch, arch)
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     lm = load(tiny)
     cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
     first = AttentionReranker(lm, prompt_cfg, None, template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
@@ -42,7 +41,7 @@ def test_head_sets_from_the_table_equal_direct_forwards(tmp_path, arch):
 
 def test_a_table_of_fewer_layers_is_recomputed_and_replaced(tmp_path):
     tiny = save_tiny_checkpoint(tmp_path / "llama", "llama")
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
     AttentionReranker(load(tiny, keep=2), prompt_cfg, [(1, 0)], template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)
     full = AttentionReranker(load(tiny), prompt_cfg, [(3, 1)], template="plain", readout_cache=cache)
@@ -59,7 +58,7 @@ def test_uncalibrated_scores_from_the_table_equal_a_direct_forward(tmp_path, arc
     """calibrate=False scores s_j(q) alone: the table's real rows give what a forward without the N/A query gives, and
     differ from the calibrated scores."""
     tiny = save_tiny_checkpoint(tmp_path / arch, arch)
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     lm = load(tiny)
     cache = ReadoutCache(tmp_path / "cache", "tiny-identity")
     AttentionReranker(lm, prompt_cfg, None, template="plain", readout_cache=cache).score(QUERY, LONG_DOCS)

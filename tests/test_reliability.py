@@ -78,19 +78,20 @@ def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
 
 
 def test_parent_run_of_a_killed_sweep_is_marked_failed(tmp_path):
-    import socket
+    from corexp.callbacks import fail_killed_sweeps
+    from corexp.tracking.liveness import ProcessId
+    from corexp.tracking.tracker import TrackingSpec
 
-    from corexp.tracking.callbacks import fail_killed_sweeps
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = mlflow.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())
+    tracker = TrackingSpec(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="sweeps").open()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid no longer exists
-    client = mlflow.MlflowClient()
-    host = socket.gethostname()
-    killed = client.create_run(exp, tags={"sweep": "parent", "sweep_host": host, "sweep_pid": str(dead.pid)}).info.run_id
-    alive = client.create_run(exp, tags={"sweep": "parent", "sweep_host": host, "sweep_pid": str(os.getpid())}).info.run_id
-    remote = client.create_run(exp, tags={"sweep": "parent", "sweep_host": "elsewhere", "sweep_pid": str(dead.pid)}).info.run_id
-    assert fail_killed_sweeps(mlflow, exp) == 1
+    here = {f"sweep_{k}": v for k, v in ProcessId.current().tags().items()}
+    client, exp = tracker.client, tracker.experiment_id
+    killed = client.create_run(exp, tags={"sweep": "parent", **here, "sweep_pid": str(dead.pid), "sweep_pid_start": "1"}).info.run_id
+    alive = client.create_run(exp, tags={"sweep": "parent", **here}).info.run_id
+    remote = client.create_run(exp, tags={"sweep": "parent", **here, "sweep_boot_id": "another-machine",
+                                          "sweep_pid": str(dead.pid)}).info.run_id
+    assert fail_killed_sweeps(tracker) == 1
     status = {r: client.get_run(r).info.status for r in (killed, alive, remote)}
     assert status == {killed: "FAILED", alive: "RUNNING", remote: "RUNNING"}
+    assert "killed" in client.get_run(killed).data.tags["failure"]

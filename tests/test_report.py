@@ -89,26 +89,84 @@ def test_holm_agrees_with_independent_computations():
         assert [ours[i] for i in range(n)] == pytest.approx(multipletests(p, method="holm")[1])
 
 
-def test_a_run_without_its_per_query_table_is_named_not_dropped(tmp_path):
-    """Two runs of one model: the one whose per_query.csv is gone gets no paired test and is listed by name."""
+def _store_with_runs(tmp_path, tables):
+    """A real MLflow store: one run per (name, per-query table or None), and the report's rows for them."""
     import mlflow
 
     from corexp.job import Labels
-    from corexp.report.tables import build_tables
+    from corexp.tracking.tracker import Store
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     exp = mlflow.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
     rows = []
-    for name, with_table in (("good", True), ("broken", False)):
+    for name, table in tables:
         with mlflow.start_run(experiment_id=exp, run_name=name) as run:
-            if with_table:
-                pq = pd.DataFrame({"query_id": ["1", "2", "3"], "first_stage.nDCG@10": [.1, .2, .3],
-                                   "rerank.nDCG@10": [.4, .5, .7]})
-                pq.to_csv(tmp_path / "per_query.csv", index=False)
+            if table is not None:
+                table.to_csv(tmp_path / "per_query.csv", index=False)
                 mlflow.log_artifact(str(tmp_path / "per_query.csv"))
         row = _row("m", f"{name}-method", "dl19", .5, labels=Labels("m", f"{name}-method", "BM25", "dl19"))
-        rows.append({**row, "run_id": run.info.run_id, "run_name": name})
+        rows.append({**row, "run_id": run.info.run_id, "run_name": name, "queries": 3.0})
+    return Store(f"sqlite:///{tmp_path}/m.db"), pd.DataFrame(rows)
+
+
+def test_runs_whose_per_query_table_is_missing_cut_or_lacks_the_measure_are_named_not_used(tmp_path):
+    good = pd.DataFrame({"query_id": ["1", "2", "3"], "first_stage.nDCG_at_10": [.1, .2, .3], "rerank.nDCG_at_10": [.4, .5, .7]})
+    store, df = _store_with_runs(tmp_path, [("good", good), ("broken", None), ("cut", good.head(2)),
+                                            ("other", good.rename(columns={"rerank.nDCG_at_10": "rerank.RR"}))])
     unreadable = []
-    table = build_tables(pd.DataFrame(rows), "nDCG@10", unreadable=unreadable)["m"]
-    assert len(unreadable) == 1 and unreadable[0].startswith("broken (") and "per_query.csv" in unreadable[0]
-    assert set(table.index) >= {"good-method", "broken-method", "BM25"}
+    table = build_tables(df, "nDCG@10", unreadable=unreadable, store=store)["m"]
+    said = "\n".join(unreadable)
+    assert len(unreadable) == 3, said
+    assert "broken (" in said and "per_query.csv missing" in said
+    assert "cut (" in said and "has 2 queries, the run evaluated 3" in said
+    assert "other (" in said and "has no column rerank.nDCG_at_10" in said
+    assert set(table.index) >= {"good-method", "broken-method", "cut-method", "other-method", "BM25"}
+
+
+def test_seed_draws_are_a_distribution_not_one_row(tmp_path):
+    """Five random-head draws of one cell: mean ± sd [min–max], n=5 — never the last draw alone."""
+    draws = [.33, .35, .375, .36, .34]
+    rows = [{**_row("m", "random-k8", "dl19", v, metric="random", extra={"heads.seed": str(i)}), "config_hash": f"c{i}"}
+            for i, v in enumerate(draws)]
+    table = build_tables(pd.DataFrame(rows), "nDCG@10")["m"]
+    v = 100 * np.array(draws)
+    assert table.loc["random-k8", "dl19"] == f"{v.mean():.1f} ± {v.std(ddof=1):.1f} [{v.min():.1f}–{v.max():.1f}], n=5"
+
+
+def test_the_report_prefers_the_current_codes_run_and_names_older_code(tmp_path):
+    """A config run by edited code, then by the current code (after a revert): the current code's run is used even
+    though it is older; a config with only older-code runs is used and named."""
+    import mlflow
+
+    from corexp.report.tables import load_runs
+    from corexp.tracking.identity import code_digest
+    from corexp.tracking.tracker import Store
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    exp = mlflow.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    labels = '{"method": "ICR", "method_without": {}, "first_stage": "BM25", "extras": []}'
+    for name, chash, code, value in (("current", "a", code_digest(), .5), ("edited", "a", "0123abcd", .9),
+                                     ("only-old", "b", "0123abcd", .4)):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.set_tags({"config_hash": chash, "code_digest": code, "corexp.labels": labels, "model": "m",
+                             "dataset": "dl19" if chash == "a" else "dl20"})
+            mlflow.log_metric("rerank.nDCG_at_10", value)
+    df = load_runs(Store(f"sqlite:///{tmp_path}/m.db"), ["x"])
+    got = dict(zip(df["run_name"], df["code"]))
+    assert got == {"current": "current", "only-old": "0123abcd"}
+    assert df.attrs["older_code"] == [f"only-old: from code 0123abcd (no run of the current code {code_digest()})"]
+
+
+def test_reading_never_creates_a_store_and_an_unlogged_measure_is_one_line(tmp_path):
+    from corexp.errors import CorexpError
+    from corexp.report.tables import check_measure, main
+    from corexp.tracking.tracker import Store
+
+    with pytest.raises(CorexpError, match="no MLflow store at"):
+        Store(f"sqlite:///{tmp_path}/typo.db")
+    assert not (tmp_path / "typo.db").exists()
+    assert main(["--tracking-uri", f"sqlite:///{tmp_path}/typo.db", "--out", str(tmp_path / "r.md")]) == 2
+    assert not (tmp_path / "typo.db").exists()
+    df = pd.DataFrame([{**_row("m", "ICR", "dl19", .5), "params": {"data.measures": '["nDCG@10", "RR"]'}}])
+    with pytest.raises(CorexpError, match=r"measure P@5 was not logged by these runs; logged: RR, nDCG@10"):
+        check_measure(df, "P@5")

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModel
 
-from corexp.config import PromptConfig
 from corexp.data.datasets import Document
-from corexp.engine.models import load_model
-from corexp.engine.prompt import encode
+from corexp.engine.models import ModelSpec, load_model
+from corexp.engine.prompt import PromptSpec, encode
 from corexp.engine.reranker import AttentionReranker
 from corexp.engine.scoring import document_scores
 
@@ -31,8 +29,7 @@ def any_tiny_dir(request, tmp_path_factory):
 
 
 def load(tiny_dir, keep=None):
-    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_dir), "dtype": "float32", "device": "cpu",
-                            "trust_remote_code": False, "max_context": 512})
+    cfg = ModelSpec(name="tiny", path=str(tiny_dir), dtype="float32", device="cpu", max_context=512)
     return load_model(cfg, tiny_dir, keep_layers=keep)
 
 
@@ -55,7 +52,7 @@ def reference_scores(tiny_dir, prompt_cfg, heads):
 @pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
 def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
     tiny_dir = any_tiny_dir
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     lm = load(tiny_dir)
     rr = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
     scored = rr.score(QUERY, DOCS)
@@ -78,7 +75,7 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
 
 def test_truncated_model_gives_identical_scores(tiny_dir):
     heads = [(0, 2), (1, 1)]
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     full = AttentionReranker(load(tiny_dir), prompt_cfg, heads, template="plain")
     cut_lm = load(tiny_dir, keep=2)
     assert len(cut_lm.model.layers) == 2
@@ -87,7 +84,7 @@ def test_truncated_model_gives_identical_scores(tiny_dir):
 
 
 def test_rerank_is_permutation_and_handles_degenerate_docs(tiny_dir):
-    rr = AttentionReranker(load(tiny_dir), OmegaConf.structured(PromptConfig), None, template="plain")
+    rr = AttentionReranker(load(tiny_dir), PromptSpec(), None, template="plain")
     docs = [Document("1", "", ""), Document("2", "", "same text"), Document("3", "", "same text"), Document("4", "", "z")]
     out = rr.rerank("query", docs)
     assert sorted(d for d, _ in out) == ["1", "2", "3", "4"]
@@ -96,7 +93,7 @@ def test_rerank_is_permutation_and_handles_degenerate_docs(tiny_dir):
 
 
 def test_prompt_overflow_reduces_depth(tiny_dir):
-    cfg = OmegaConf.structured(PromptConfig)
+    cfg = PromptSpec()
     lm = load(tiny_dir)
     lm.max_context = 200
     rr = AttentionReranker(lm, cfg, None, template="plain")
@@ -106,7 +103,7 @@ def test_prompt_overflow_reduces_depth(tiny_dir):
 
 
 def test_python_api_without_hydra_cli(tiny_dir):
-    from corexp.engine.reranker import build_reranker
+    from corexp import build_reranker
 
     rr = build_reranker("smollm2", heads=[(1, 0), (2, 3)], overrides=[f"model.path={tiny_dir}", "model.gguf=null",
                                                                       "model.template=plain", "model.device=cpu"])
@@ -119,9 +116,8 @@ def test_python_api_without_hydra_cli(tiny_dir):
 def test_sliding_window_model_scores_match_reference(tmp_path):
     """Gemma-3 layout (sliding-window layers): the copied-cache path gives the eager reference scores."""
     tiny = save_tiny_checkpoint(tmp_path / "g", "gemma3")
-    prompt_cfg = OmegaConf.structured(PromptConfig)
-    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny), "dtype": "float32", "device": "cpu",
-                            "trust_remote_code": False, "max_context": 4096})
+    prompt_cfg = PromptSpec()
+    cfg = ModelSpec(name="tiny", path=str(tiny), dtype="float32", device="cpu", max_context=4096)
     lm = load_model(cfg, tiny)
     got = AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, DOCS).scores
     model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
@@ -152,7 +148,7 @@ def test_one_pass_equals_two_passes_and_the_eager_reference(arch_dirs, arch, hea
     """Real and N/A query rows in one forward (tree attention) give the two-pass scores: Mistral's window (16) and
     Gemma-3's sliding layers (12) are far shorter than these prompts, so the windows are exercised."""
     tiny = arch_dirs[arch]
-    prompt_cfg = OmegaConf.structured(PromptConfig)
+    prompt_cfg = PromptSpec()
     lm = load(tiny, keep=keep)
     one = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=True)
     two = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)

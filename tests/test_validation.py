@@ -80,15 +80,15 @@ SPEC = {
     "detection.positions": (lambda v: is_int(v) and 1 <= v <= 20, lambda p, v: p["detection"]["positions"] == v),
     "detection.max_words": (int_at_least(1, nullable=True), None),
     "prompt.max_words": (int_at_least(1, nullable=True), lambda p, v: p["max_words"] == v),
-    "prompt.doc_order": (one_of("retriever", "reversed", "shuffled"), lambda p, v: p["doc_order"] == v),
     "prompt.overflow": (one_of("reduce", "error"), None),
-    "prompt.word_split": (one_of("whitespace", "space"), None),
+    "prompt.span_rule.query_span_end": (one_of("query", "prompt_end", "suffix_first_token"), None),
+    "scoring.calibration": (lambda v: isinstance(v, bool), lambda p, v: p["scoring"]["calibration"] == v),
     "fusion.alpha": (num_in(0, 1), lambda p, v: p["fusion"]["alpha"] == v),
     "fusion.rrf_k": (int_at_least(1), lambda p, v: any(i.startswith("fusion.rrf_k=") for i in p["ignored"])),
     "model.dtype": (one_of("auto", "bfloat16", "float32", "float16"), lambda p, v: p["dtype"] == v),
     "model.device": (DEVICES, lambda p, v: p["device"] == v),
 }
-ENUM_WORDS = ["retriever", "reversed", "shuffled", "reduce", "error", "whitespace", "space", "auto", "bfloat16",
+ENUM_WORDS = ["query", "prompt_end", "suffix_first_token", "reduce", "error", "whitespace", "space", "auto", "bfloat16",
               "float32", "float16", "cpu", "cuda", "cuda:1", "mps", "tpu", "sideways", "int8", "abc", ""]
 VALUES = st.one_of(
     st.none(),
@@ -120,14 +120,14 @@ def test_every_spec_setting_is_in_the_rules_table():
 def test_a_setting_declared_by_several_options_has_one_rule():
     import dataclasses
 
-    from corexp.components.base import GROUPS, group_settings
+    from corexp.config import GROUPS, group_settings, options
 
     for group in GROUPS:
         seen = {}
         for option, decls in group_settings(group).items():
             for key, d in decls.items():
                 assert seen.setdefault(key, d.rule) == d.rule, (group, option, key)
-        assert all(dataclasses.is_dataclass(c) for c in __import__("corexp.components.base", fromlist=["options"]).options(group).values())
+        assert all(dataclasses.is_dataclass(c) for c in options(group).values())
 
 
 def test_the_readme_settings_tables_are_generated_from_the_declarations():
@@ -220,3 +220,12 @@ def test_values_from_config_files_are_checked_in_the_job():
         validate(cfg)
     with pytest.raises(CorexpError, match="truncation.layers=null is not allowed: use an integer >= 1"):
         validate(compose_cfg(["truncation=layers", "truncation.layers=null"]))
+
+
+def test_a_strategy_of_the_prompt_is_chosen_like_a_setting():
+    """prompt.doc_order=reversed chooses the nested strategy (Hydra's prompt/doc_order=reversed); an unknown one is one
+    line with the options."""
+    assert check_overrides(["prompt.doc_order=reversed"]) is None
+    assert check_overrides(["prompt.doc_order=sideways"]) == ("prompt.doc_order=sideways is not an option; choose one of "
+                                                             "retriever, reversed, shuffled")
+    assert check_overrides(["prompt.doc_order.seed=-1"]) == "prompt.doc_order.seed=-1 is not allowed: use an integer >= 0"

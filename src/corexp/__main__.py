@@ -18,16 +18,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from corexp.config import config_dir
 from corexp.errors import CorexpError, one_line
+from corexp.locations import config_dir
 
 log = logging.getLogger("corexp")
 
 
 def main() -> None:
     """Console entry: one line for an invalid setting on the command line, then Hydra."""
-    from corexp.components.base import normalize_overrides
-    from corexp.tracking import callbacks
+    from corexp import callbacks
+    from corexp.config import normalize_overrides
     from corexp.validation import check_overrides
 
     problem = check_overrides(sys.argv[1:])
@@ -62,13 +62,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except Exception as err:
         return _failed(cfg, err)
     print(summary.text(), flush=True)
-    return summary.metrics.get("rerank.nDCG_at_10")
+    return summary.rerank
 
 
 def _failed(cfg: DictConfig, err: Exception) -> None:
     """One line for the failure; outside a sweep the process exits (2: bad input, 1: internal error), inside one the job
     is recorded as failed in the sweep folder and the sweep goes on (callbacks.MlflowSweepCallback counts it)."""
-    from corexp.tracking import callbacks
+    from corexp import callbacks
 
     if cfg.get("debug"):
         raise err

@@ -1,32 +1,45 @@
-"""A job as typed objects: the validated config, its components, and what follows from them without loading anything —
-labels, run name, logged params, identity and the dry-run plan.
+"""A job as typed objects, built once at the door: `Job.from_config` instantiates every config group from its
+`_target_` (nested strategies included), checks every setting against its declaration, parses the measures and reads
+Hydra's runtime context; below it nothing reads the DictConfig.
 
-`Job.from_config` is the one entry for the CLI, the Python API (`build_reranker`) and PyTerrier: it validates every
-setting once, instantiates the four component groups (heads, first_stage, truncation, fusion) from their `_target_`,
-and parses the measures once.
+From the components follow, without loading anything: the run's identity (its settings, the data as its content
+fingerprint, the code digest), its name and labels, its logged params and the dry-run plan.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from corexp.components.base import build
+from corexp.components.detection import Detection
 from corexp.components.first_stage import FirstStage
 from corexp.components.fusion import Fusion
 from corexp.components.heads import HeadSelector
 from corexp.components.truncation import Truncation
+from corexp.config import GROUP_CLASSES, GROUPS, Paths, RunOptions, build
+from corexp.data.datasets import DataSource
 from corexp.data.evaluation import parse_measures
-from corexp.engine.prompt import for_dataset
+from corexp.engine.models import ModelInfo, ModelSpec
+from corexp.engine.prompt import PromptSpec
+from corexp.engine.scoring import Scoring
+from corexp.errors import CorexpError
+from corexp.files import stable_key
+from corexp.settings import Component, declarations, plain, problem
+from corexp.tracking.identity import Identity, code_digest, provenance_tags
+from corexp.tracking.tracker import RunRequest, TrackingSpec
 
 log = logging.getLogger(__name__)
 
-# Top-level keys that say where or how a job runs, not what it computes.
-NOT_IDENTITY = ("paths", "tracking", "hydra", "progress", "debug", "force", "dry_run", "readout_cache")
 DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16"}
+LOCATION_KEYS = ("local_dir", "run_file", "irds_id")  # where data comes from: replaced by its content in the identity
+# Overrides that say where a job reads or writes, not what it computes: left out of run names.
+_NAME_NOISE = ("paths.", "tracking.", "hydra.", "progress", "debug", "force", "experiment", "seed", "readout_cache", "dry_run")
+_NAME_NOISE_SUFFIX = ("local_dir", ".path", "run_file", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -53,18 +66,15 @@ class Labels:
         """`smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample`, plus any swept setting it does not already show."""
         parts = [self.model, self.method, *[e["text"] for e in self.extras], self.dataset]
         shown = {"model", "model.name", "data", "data.name", "heads", "truncation", "fusion", "first_stage", "prompt",
-                 "prompt.name", "prompt.doc_order", "model.dtype"}
+                 "prompt.name", "prompt.doc_order", "prompt/doc_order", "model.dtype", "scoring.calibration"}
         shown |= {f"heads.{s}" for s, text in self.method_without.items() if text != self.method}
         shown |= {f"{e['group']}.{s}" for e in self.extras for s, text in e["without"].items() if text != e["text"]}
         for key, value in sorted((varying or {}).items()):
-            bare = key.lstrip("+~")
-            if bare not in shown:
-                parts.append(f"{bare}={value}")
+            if key not in shown:
+                parts.append(f"{key}={value}")
         return " · ".join(parts)
 
     def as_tags(self) -> dict[str, str]:
-        import json
-
         return {"model": self.model, "method": self.method, "first_stage_label": self.first_stage, "dataset": self.dataset,
                 "method_label": self.method_label(),
                 "corexp.labels": json.dumps({"method": self.method, "method_without": self.method_without,
@@ -72,134 +82,262 @@ class Labels:
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Labels:
-        import json
-
         parts = json.loads(tags["corexp.labels"])
         return cls(tags.get("model", "?"), parts["method"], parts["first_stage"], tags.get("dataset", "?"), parts["extras"],
                    parts["method_without"])
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """Where a job runs inside Hydra: its overrides, the settings its sweep varies, the sweep's parent run, its folder."""
+
+    overrides: tuple[str, ...] = ()
+    swept: tuple[str, ...] = ()
+    parent_run_id: str | None = None
+    output_dir: str | None = None
+
+    @classmethod
+    def current(cls) -> RunContext:
+        from hydra.core.hydra_config import HydraConfig
+
+        from corexp.callbacks import PARENT_FILE, SWEPT_FILE
+
+        try:
+            hc = HydraConfig.get()
+        except ValueError:
+            return cls()
+        parent, swept = None, ()
+        if hc.mode.name == "MULTIRUN":
+            folder = Path(hc.sweep.dir)
+            parent = (folder / PARENT_FILE).read_text().strip() if (folder / PARENT_FILE).is_file() else None
+            swept = tuple(json.loads((folder / SWEPT_FILE).read_text())) if (folder / SWEPT_FILE).is_file() else ()
+        return cls(tuple(hc.overrides.task), swept, parent, hc.runtime.output_dir)
+
+
+@dataclass(frozen=True)
 class Job:
-    cfg: DictConfig
+    """Every component of one job, built and checked; what it computes follows from them."""
+
+    options: RunOptions
+    paths: Paths
+    model: ModelSpec
+    data: DataSource
+    prompt: PromptSpec  # as configured; `prompt_for_data` is what the job's data set reads
     heads: HeadSelector
     first_stage: FirstStage
-    truncation: Truncation  # effective: auto with every head is none
+    truncation: Truncation  # as configured; `cut` is what this job's head selector makes of it
     fusion: Fusion
-    measures: list[Any]
-    ignored: list[str]  # warnings: settings given for a group whose option does not take them
+    scoring: Scoring
+    detection: Detection
+    tracking: TrackingSpec
+    measures: tuple[Any, ...]
+    ignored: tuple[str, ...] = ()  # warnings: settings given for a group whose option does not take them
+    context: RunContext = field(default_factory=RunContext)
+    config_text: str = ""  # the resolved config, as logged (config.yaml)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Job:
-        from corexp.validation import validate
-
-        built = {group: build(cfg[group], group) for group in ("heads", "first_stage", "truncation", "fusion")}
-        components = {group: b.component for group, b in built.items()}
-        validate(cfg, components)  # once: every setting, the components' own included (e.g. from experiment files)
-        ignored = []
-        for group, b in built.items():
-            hint = getattr(b.component, "ignored_hint", "")
-            ignored += [f"{group}.{k}={v} is ignored by {group}={b.component.name}{hint}" for k, v in b.ignored.items()]
+        """The door: build every group from its `_target_`, check every setting, read Hydra's runtime context."""
+        groups = {group: build(cfg[group], group) for group in (*GROUPS, *[g for g in GROUP_CLASSES if "/" not in g])}
+        components = {group: b.component for group, b in groups.items()}
+        options = RunOptions(**{f: cfg[f] for f in RunOptions.__dataclass_fields__})
+        validate({**components, "": options})
+        ignored = tuple(f"{group}.{k}={v} is ignored by {group}={b.component.name}{getattr(b.component, 'ignored_hint', '')}"
+                        for group, b in groups.items() for k, v in b.ignored.items())
+        data = components["data"]
         heads = components["heads"]
-        return cls(cfg, heads, components["first_stage"], components["truncation"].effective(heads), components["fusion"],
-                   parse_measures(list(cfg.data.measures)), ignored)
-
-    # -- what it computes ---------------------------------------------------------------------------
-    @property
-    def prompt_cfg(self) -> Any:
-        """The prompt config as used on this job's data set (ICR's question instruction / text-only rule)."""
-        return for_dataset(self.cfg.prompt, self.cfg.data.name, bool(self.cfg.data.get("question_style")))
+        return cls(options=options, paths=_paths(cfg), model=components["model"], data=data, prompt=components["prompt"],
+                   heads=heads, first_stage=components["first_stage"], truncation=components["truncation"],
+                   fusion=components["fusion"], scoring=components["scoring"], detection=components["detection"],
+                   tracking=components["tracking"], measures=tuple(parse_measures(list(data.measures))), ignored=ignored,
+                   context=RunContext.current(), config_text=_config_text(cfg))
 
     @property
-    def model_tau(self) -> float:
-        return float(self.cfg.model.tau)
+    def cut(self) -> Truncation:
+        """The truncation this job really has (auto with every head is none)."""
+        return self.truncation.effective(self.heads)
 
-    def component_settings(self) -> dict[str, dict[str, Any]]:
-        """Each component group as its option name and its own settings (exactly what it computes with)."""
-        return {group: {"name": c.name, **c.settings()} for group, c in
-                (("heads", self.heads), ("first_stage", self.first_stage), ("truncation", self.truncation),
-                 ("fusion", self.fusion))}
+    def components(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "prompt": self.prompt, "heads": self.heads,
+                "first_stage": self.first_stage, "truncation": self.cut, "fusion": self.fusion,
+                "scoring": self.scoring, "detection": self.detection, "tracking": self.tracking}
 
-    def params(self) -> dict[str, Any]:
-        """The resolved config as MLflow logs it: component groups as their own settings, no paths."""
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        container.pop("paths", None)
-        container.pop("hydra", None)
-        container.update(self.component_settings())
-        return container
+    # -- what it computes ---------------------------------------------------------------------------------------
+    @property
+    def prompt_for_data(self) -> PromptSpec:
+        """The prompt as used on this job's data set (ICR's question instruction / text-only rule)."""
+        return self.prompt.for_dataset(self.data.name, self.data.question_style)
 
-    def identity(self) -> dict[str, Any]:
-        """What the job computes: the resolved config minus where and how it runs, the components as their own
-        settings, detection only for selectors that detect, the model's precision resolved (auto -> fp32 on a CPU)."""
-        from corexp.engine.models import resolved_dtype
+    @property
+    def cache(self) -> Path:
+        return self.paths.cache
 
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        for key in NOT_IDENTITY:
-            container.pop(key, None)
-        container.update(self.component_settings())
-        if not self.heads.needs_detection:
-            container.pop("detection", None)
-        container["model"]["dtype"] = str(resolved_dtype(self.cfg.model)).replace("torch.", "")
-        return container
+    def check_dims(self, info: ModelInfo) -> None:
+        """Settings bounded by the model's size, from its config alone (before any weight is loaded)."""
+        self.heads.check_dims(info.n_layers, info.n_heads)
+        self.cut.check_dims(info.n_layers)
 
-    # -- how it is named ----------------------------------------------------------------------------
+    def computed_settings(self) -> dict[str, Any]:
+        """What the job computes with: every component's own settings (the prompt as its data set reads it, the model's
+        precision resolved, detection only for selectors that detect), where data comes from left out."""
+        settings: dict[str, Any] = {"seed": self.options.seed}
+        for group, component in self.components().items():
+            if group == "tracking" or (group == "detection" and not self.heads.needs_detection):
+                continue
+            settings[group] = plain(self.prompt_for_data if group == "prompt" else component)  # {"name", settings}
+        settings["model"]["dtype"] = str(self.model.torch_dtype).replace("torch.", "")
+        for group in ("data", "detection"):
+            for key in LOCATION_KEYS:
+                settings.get(group, {}).pop(key, None)
+        return settings
+
+    def identity(self) -> Identity:
+        """The run's identity: its settings with each data set as its content (never a path), and the code digest."""
+        setup = self.computed_settings()
+        content = {"data": self.data.fingerprint(self.cache)}
+        if self.heads.needs_detection:
+            content["detection"] = self.detection.fingerprint(self.cache)
+        fingerprint = stable_key(content)
+        return Identity(stable_key({**setup, "content": content}), code_digest(), stable_key(setup), fingerprint)
+
+    def params(self) -> dict[str, str]:
+        """MLflow params: every component's settings, flattened (paths left out)."""
+        tree = {"seed": self.options.seed, "readout_cache": self.options.readout_cache,
+                **{group: plain(c) for group, c in self.components().items()}}
+        tree["model"]["dtype_resolved"] = str(self.model.torch_dtype).replace("torch.", "")
+        return flatten(tree)
+
+    # -- how it is named ----------------------------------------------------------------------------------------
     def labels(self) -> Labels:
-        from corexp.engine.models import resolved_dtype
-
         extras = []
         fs = self.first_stage
         if fs.label() != "BM25":
             extras.append({"group": "first_stage", "text": fs.label(), "without": {}})
-        p = self.cfg.prompt
+        p = self.prompt
         if p.name not in ("core", "shuffled"):
-            text = f"prompt={p.name}" + (f"/{self.cfg.model.template}" if p.get("families") else "")
-            extras.append({"group": "prompt", "text": text, "without": {}})
-        for group, comp in (("truncation", self.truncation), ("fusion", self.fusion)):
+            extras.append({"group": "prompt", "text": f"prompt={p.name}" + (f"/{self.model.template}" if p.families else ""),
+                           "without": {}})
+        for group, comp in (("truncation", self.cut), ("fusion", self.fusion), ("scoring", self.scoring)):
             text = comp.label()
             if text:
-                extras.append({"group": group, "text": text,
-                               "without": {s: comp.label(frozenset({s})) for s in comp.settings()}})
-        if p.doc_order != "retriever":
-            extras.append({"group": "prompt", "text": str(p.doc_order), "without": {}})
-        dtype = str(resolved_dtype(self.cfg.model)).replace("torch.", "")
+                extras.append({"group": group, "text": text, "without": {s: comp.label(frozenset({s})) for s in comp.settings()}})
+        order = p.doc_order.label()
+        if order:
+            extras.append({"group": "prompt", "text": order, "without": {}})
+        dtype = str(self.model.torch_dtype).replace("torch.", "")
         if dtype != "float32":  # the reference precision; bf16/fp16 runs are named so
             extras.append({"group": "model", "text": DTYPE_LABELS.get(dtype, dtype), "without": {}})
-        heads = self.heads
-        return Labels(str(self.cfg.model.name), heads.label(model_tau=self.model_tau), fs.label(), str(self.cfg.data.name),
-                      extras, {s: heads.label(frozenset({s}), model_tau=self.model_tau) for s in heads.settings()})
+        heads, tau = self.heads, self.model.tau
+        return Labels(self.model.name, heads.label(model_tau=tau), fs.label(), self.data.name, extras,
+                      {s: heads.label(frozenset({s}), model_tau=tau) for s in heads.settings()})
 
-    # -- what it will do ----------------------------------------------------------------------------
+    def run_name(self) -> str:
+        """What it computes (Labels) plus the swept settings it computes with that the name does not already show; a
+        setting its component ignores (heads.seed for ICR) is left out."""
+        if self.tracking.run_name:
+            return self.tracking.run_name
+        settings = {group: c.settings() for group, c in self.components().items()}
+        varying = {}
+        for item in self.context.overrides:
+            key, _, value = item.partition("=")
+            bare = key.lstrip("+~").replace("/", ".")
+            group, _, rest = bare.partition(".")
+            if bare not in self.context.swept and key.lstrip("+~") not in self.context.swept:
+                continue
+            if bare.startswith(_NAME_NOISE) or bare.endswith(_NAME_NOISE_SUFFIX):
+                continue
+            if group in settings and rest and rest.split(".")[0] not in settings[group]:
+                continue  # a setting this job's component does not take
+            varying[bare] = value
+        return self.labels().run_name(varying)
+
+    def request(self) -> RunRequest:
+        """What the tracker needs to claim, name and describe this job's run."""
+        tags = {"overrides": " ".join(self.context.overrides), **self.labels().as_tags(), **provenance_tags()}
+        return RunRequest(self.identity(), self.run_name(), tags, self.params(), self.config_text, self.context.parent_run_id,
+                          pinned_name=bool(self.tracking.run_name))
+
+    # -- what it will do ----------------------------------------------------------------------------------------
     def plan(self) -> dict[str, Any]:
         """Data set, queries, candidates, method, head count, truncation and detection: `dry_run=true` prints it."""
-        from corexp.data.datasets import load_dataset, select_queries
-
-        cfg = self.cfg
-        ds = load_dataset(cfg.data)
-        qids = select_queries(ds, cfg.data.max_queries, cfg.data.get("query_ids"))
+        ds = self.data.load()
+        qids = self.data.queries(ds)
         detection = None
         if self.heads.needs_detection:
-            det = cfg.detection
+            det = self.detection
             detection = {"data": det.name, "queries": det.num_queries, "negatives": det.num_negatives,
-                         "positions": det.positions, "instances": det.num_queries * det.positions, "fold": det.get("fold"),
-                         "max_words": det.max_words if det.get("max_words") is not None else cfg.prompt.max_words}
-        labels = self.labels()
+                         "positions": det.positions, "instances": det.num_queries * det.positions, "fold": det.fold,
+                         "max_words": det.max_words if det.max_words is not None else self.prompt.max_words}
         return {
-            "run_name": labels.run_name(),
-            "model": cfg.model.name,
-            "dataset": cfg.data.name,
+            "run_name": self.run_name(),
+            "model": self.model.name,
+            "dataset": self.data.name,
             "queries": len(qids),
             "first_stage": self.first_stage.name,
             "depth": int(self.first_stage.depth),
-            "method": labels.method_label(),
-            "heads": self.component_settings()["heads"],
-            "tau": self.heads.temperature(self.model_tau),
-            "truncation": self.component_settings()["truncation"],
-            "fusion": self.component_settings()["fusion"],
-            "prompt": cfg.prompt.name,
-            "max_words": cfg.prompt.max_words,
-            "doc_order": cfg.prompt.doc_order,
+            "method": self.labels().method_label(),
+            "heads": {"name": self.heads.name, **self.heads.settings()},
+            "tau": self.heads.temperature(self.model.tau),
+            "truncation": {"name": self.cut.name, **self.cut.settings()},
+            "fusion": {"name": self.fusion.name, **self.fusion.settings()},
+            "scoring": self.scoring.settings(),
+            "prompt": self.prompt.name,
+            "max_words": self.prompt.max_words,
+            "doc_order": self.prompt.doc_order.name,
             "detection": detection,
-            "dtype": cfg.model.dtype,
-            "device": cfg.model.device,
-            "ignored": self.ignored,
+            "dtype": self.model.dtype,
+            "device": self.model.device,
+            "ignored": list(self.ignored),
         }
+
+
+def validate(components: dict[str, Any]) -> None:
+    """Check every built component's settings (nested strategies included) against their declarations; raise one
+    CorexpError naming the setting, the value and what is allowed. The group "" holds the top-level RunOptions."""
+    for group, component in components.items():
+        _check_component(group.replace("/", "."), component)
+
+
+def _check_component(prefix: str, component: Any) -> None:
+    for key, d in declarations(type(component)).items():
+        value = getattr(component, key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Component):
+            _check_component(dotted, value)
+            continue
+        msg = problem(dotted, value, d.rule)
+        if msg:
+            raise CorexpError(msg)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists as JSON."""
+    out: dict[str, str] = {}
+    for k, v in (tree.items() if isinstance(tree, dict) else []):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def _paths(cfg: DictConfig) -> Paths:
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        output = cfg.paths.output_dir
+    except InterpolationResolutionError:  # ${hydra:runtime.output_dir} outside a Hydra run (Python API, tests)
+        output = None
+    return Paths(root_dir=str(cfg.paths.root_dir), cache_dir=str(cfg.paths.cache_dir), output_dir=output,
+                 data_dir=cfg.paths.get("data_dir"))
+
+
+def _config_text(cfg: DictConfig) -> str:
+    """The resolved config as YAML (paths.output_dir left unresolved outside a Hydra run)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    node = OmegaConf.create(tree)
+    if _paths(cfg).output_dir is None:
+        node.paths.output_dir = None
+    return OmegaConf.to_yaml(node, resolve=True)

@@ -20,8 +20,9 @@ from typing import Any
 import pandas as pd
 import pyterrier as pt
 
-from corexp.data.datasets import Document
-from corexp.engine.reranker import AttentionReranker, Head
+from corexp.components.heads import Head
+from corexp.data.datasets import Document, TrecRun
+from corexp.engine.reranker import AttentionReranker
 from corexp.engine.scoring import rank
 
 
@@ -35,29 +36,18 @@ class CorexpReranker(pt.Transformer):
     @classmethod
     def from_config(cls, model: str = "smollm2", heads: str | list[Head] = "core", k: int = 8,
                     overrides: list[str] | None = None) -> CorexpReranker:
-        """Compose corexp's configs (as the CLI does), validate them, and build the re-ranker.
+        """Compose corexp's configs (as the CLI does), validate them, and build the re-ranker (corexp.api).
 
-        heads: "all" (ICR), "core", "qrhead", "random", "published" (detected or drawn as a corexp job would, using
-        the configured detection data; cached), or an explicit list of (layer, head). Layers above the deepest
-        selected head are not loaded (truncation=auto).
+        heads: "all" (ICR), "core", "qrhead", "random", "published", "layers", "window" (detected or drawn as a
+        corexp job would, using the configured detection data; cached), or an explicit list of (layer, head). Layers
+        above the deepest selected head are not loaded (truncation=auto).
         """
-        from pathlib import Path
+        from corexp.api import build_reranker
 
-        from corexp.config import compose_config
-        from corexp.engine.models import load_model, model_info
-        from corexp.job import Job
-        from corexp.pipeline.run import select_heads
-
-        option = heads if isinstance(heads, str) else "all"
-        job = Job.from_config(compose_config([f"model={model}", f"heads={option}", f"heads.k={k}", "truncation=auto",
-                                              *(overrides or [])]))
-        info = model_info(job.cfg.model, Path(job.cfg.paths.cache_dir))
-        job.heads.check_dims(info.n_layers, info.n_heads)
-        chosen = [tuple(h) for h in heads] if not isinstance(heads, str) else select_heads(job, [], info)[0].heads
-        keep = None if chosen is None else max(layer for layer, _ in chosen) + 1
-        lm = load_model(job.cfg.model, job.cfg.paths.cache_dir, keep_layers=keep)
-        label = option if chosen is None or isinstance(heads, str) else f"{len(chosen)} heads"
-        return cls(AttentionReranker(lm, job.prompt_cfg, chosen, job.cfg.model.template), name=f"corexp-{model}-{label}")
+        rr = build_reranker(model, heads, overrides=["truncation=auto", *([f"heads.k={k}"] if isinstance(heads, str) else []),
+                                                     *(overrides or [])])
+        label = heads if isinstance(heads, str) else f"{len(heads)} heads"
+        return cls(rr, name=f"corexp-{model}-{label}")
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         pt.validate.result_frame(inp, extra_columns=["query", "text"])
@@ -77,7 +67,7 @@ class CorexpReranker(pt.Transformer):
         return self.name
 
 
-def results_frame(run: dict[str, list[tuple[str, float]]], queries: dict[str, str], docs: Any) -> pd.DataFrame:
+def results_frame(run: TrecRun, queries: dict[str, str], docs: Any) -> pd.DataFrame:
     """A PyTerrier results frame from a corexp run (qid -> ranked (docno, score)) with query and document texts."""
     rows = []
     for qid, ranked in run.items():

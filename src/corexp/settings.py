@@ -1,4 +1,5 @@
-"""One declaration per setting: its type, allowed values or range, default and a one-line description.
+"""One declaration per setting: its type, allowed values or range, default and a one-line description; and the
+`Component` base of every object built from a config group (its settings are its declared dataclass fields).
 
 Every user setting is a field of a dataclass declared with `setting(...)`: the structured schemas of config.py (model,
 data, prompt, detection, tracking, encoder, the job's top level) and the component classes that Hydra instantiates
@@ -139,3 +140,34 @@ def markdown_table(rows: list[tuple[str, Declaration]]) -> str:
             default = repr(default)
         lines.append(f"| `{key}` | {d.rule.allowed()} | `{default}` | {d.doc} |")
     return "\n".join(lines)
+
+
+class Component:
+    """Base of every component built at the door from a config group's `_target_` (a frozen dataclass whose fields are
+    declared with `setting`). `name` is its option (the YAML file's stem); nested components (a prompt's span rule,
+    a dense first stage's encoder) are fields holding components."""
+
+    name: typing.ClassVar[str] = ""
+
+    def settings(self) -> dict[str, Any]:
+        """Its settings' values as plain data (what it computes with): logged as params, part of the run identity.
+        A nested component shows as {"name": its option, **its settings}."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def label(self, hide: frozenset[str] = frozenset()) -> str | None:
+        """How run names and report rows show it (None: nothing to show); `hide` leaves out those settings' values."""
+        return None
+
+    def check(self) -> None:
+        """Constraints between its settings (each setting's own rule is checked from its declaration)."""
+
+
+def plain(value: Any) -> Any:
+    """A setting's value as JSON-able data (nested components as {"name", settings}, containers copied)."""
+    if isinstance(value, Component):
+        return {"name": value.name, **value.settings()}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

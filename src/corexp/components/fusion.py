@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from corexp.components.base import Component
 from corexp.engine.scoring import rank
-from corexp.settings import setting
+from corexp.settings import Component, setting
 
 
 def minmax(values: list[float]) -> list[float]:

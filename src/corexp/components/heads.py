@@ -1,21 +1,21 @@
-"""Head selection (METHOD.md §4, §6): detection scores -> top-k, random control, published lists; overlap.
+"""Head selection (METHOD.md §4, §6): detection scores -> top-k, random control, published lists, layer bands; overlap.
 
 Each option of the `heads` group is a selector class here (conf/heads/*.yaml names it in `_target_`): `AllHeads`
-(ICR), `CoReHeads`, `QRHeads`, `RandomHeads`, `PublishedHeads`. A selector says whether it needs detection data,
+(ICR), `CoReHeads`, `QRHeads`, `RandomHeads`, `PublishedHeads`, `LayerHeads` (every head of a band of layers) and
+`WindowHeads` (the band of `width` layers that does best on the detection set). A selector says whether it needs detection data,
 selects its heads for a model, re-selects them among the layers a truncation keeps, and names itself.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
-from corexp.components.base import Component
 from corexp.errors import CorexpError
-from corexp.settings import setting
+from corexp.settings import Component, setting
 
 Head = tuple[int, int]
 
@@ -109,6 +109,8 @@ class HeadSelection:
     jaccard_core_qrhead: float | None = None  # overlap of the two metrics' top-k on the same detection data
     reselected: bool = False  # truncation removed selected heads; re-selected among the kept layers
     metric: str = ""
+    window: tuple[int, int] | None = None  # heads=window: the chosen layers [start, end)
+    window_scores: np.ndarray | None = None  # heads=window: the detection score of every window, by first layer
 
     @property
     def deepest_layer(self) -> int | None:
@@ -127,6 +129,8 @@ class SelectionContext:
 
 
 class HeadSelector(Component):
+    """One option of `heads`: which heads score the documents (METHOD.md §4, §6)."""
+
     needs_detection: ClassVar[bool] = False
     uses_every_head: ClassVar[bool] = False
     ignored_hint: ClassVar[str] = ""  # appended when a setting given for `heads` is ignored by this option
@@ -135,19 +139,14 @@ class HeadSelector(Component):
         raise NotImplementedError
 
     def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
-        """Heads among the first `keep` layers, when a truncation cut selected ones."""
+        """Heads among the first `keep` layers, when a truncation cut selected ones (this selector: it cannot)."""
         if selection.heads is None or selection.deepest_layer < keep:
             return selection
-        if selection.scores is None:
-            raise CorexpError(f"truncation keeps {keep} layers but heads={self.name} selected layer {selection.deepest_layer}")
-        return HeadSelection(top_k(selection.scores, self.k, max_layer=keep), selection.scores, selection.tau,  # type: ignore[attr-defined]
-                             selection.instances, selection.jaccard_core_qrhead, True, selection.metric)
+        raise CorexpError(f"truncation keeps {keep} layers but heads={self.name} selected layer {selection.deepest_layer}; "
+                          "use truncation=auto or none")
 
     def check_dims(self, n_layers: int, n_heads: int) -> None:
         """Settings bounded by the model's size, checked from its config before any weight is loaded."""
-        k = getattr(self, "k", None)
-        if k is not None and k > n_layers * n_heads:
-            raise CorexpError(f"heads.k={k} is out of range: choose 1..{n_layers * n_heads} (heads available)")
 
     def temperature(self, model_tau: float) -> float | None:
         """The temperature of its score (CoRe's), None for other selectors."""
@@ -173,12 +172,21 @@ class AllHeads(HeadSelector):
         return "ICR"
 
 
-def _k_label(base: str, k: int, hide: frozenset[str]) -> str:
-    return base if "k" in hide else f"{base}-k{k}"
+@dataclass(frozen=True)
+class CountedHeads(HeadSelector):
+    """A selector that keeps k heads."""
+
+    k: int = setting(8, ge=1, doc="heads kept")
+
+    def check_dims(self, n_layers: int, n_heads: int) -> None:
+        check_k(self.k, n_layers * n_heads)
+
+    def k_label(self, base: str, hide: frozenset[str]) -> str:
+        return base if "k" in hide else f"{base}-k{self.k}"
 
 
 @dataclass(frozen=True)
-class DetectedHeads(HeadSelector):
+class DetectedHeads(CountedHeads):
     """Top-k heads by a detection score (METHOD.md §4): one detection table serves both metrics."""
 
     needs_detection: ClassVar[bool] = True
@@ -193,9 +201,13 @@ class DetectedHeads(HeadSelector):
         core = core_scores(ctx.detection.masses, ctx.detection.pos_index, float(tau if tau is not None else ctx.model_tau))
         qr = qrhead_scores(ctx.detection.masses, ctx.detection.pos_index)
         scores = self.metric_scores(ctx.detection, tau)
-        k = self.k  # type: ignore[attr-defined]
-        return HeadSelection(top_k(scores, k), scores, tau, ctx.detection.instances,
-                             jaccard(top_k(core, k), top_k(qr, k)), metric=self.name)
+        return HeadSelection(top_k(scores, self.k), scores, tau, ctx.detection.instances,
+                             jaccard(top_k(core, self.k), top_k(qr, self.k)), metric=self.name)
+
+    def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
+        if selection.heads is None or selection.deepest_layer < keep:
+            return selection
+        return replace(selection, heads=top_k(selection.scores, self.k, max_layer=keep), reselected=True)
 
 
 @dataclass(frozen=True)
@@ -214,7 +226,7 @@ class CoReHeads(DetectedHeads):
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
         tau = self.tau if self.tau is not None else model_tau
-        return _k_label("CoRe", self.k, hide) + ("" if "tau" in hide or tau is None else f" τ={tau}")
+        return self.k_label("CoRe", hide) + ("" if "tau" in hide or tau is None else f" τ={tau}")
 
 
 @dataclass(frozen=True)
@@ -228,11 +240,11 @@ class QRHeads(DetectedHeads):
         return qrhead_scores(table.masses, table.pos_index)
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        return _k_label("QRHead", self.k, hide)
+        return self.k_label("QRHead", hide)
 
 
 @dataclass(frozen=True)
-class RandomHeads(HeadSelector):
+class RandomHeads(CountedHeads):
     """Control: k heads drawn uniformly at random (seeded)."""
 
     name: ClassVar[str] = "random"
@@ -248,11 +260,11 @@ class RandomHeads(HeadSelector):
         return HeadSelection(random_heads(keep, ctx.n_heads, self.k, self.seed), reselected=True, metric=self.name)
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        return _k_label("random", self.k, hide)
+        return self.k_label("random", hide)
 
 
 @dataclass(frozen=True)
-class PublishedHeads(HeadSelector):
+class PublishedHeads(CountedHeads):
     """The paper's head list of the model (model.published_heads[core], else its first list); its first k."""
 
     name: ClassVar[str] = "published"
@@ -274,4 +286,75 @@ class PublishedHeads(HeadSelector):
         return selection
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        return _k_label("published", self.k, hide)
+        return self.k_label("published", hide)
+
+
+def layer_heads(start: int, end: int, n_heads: int) -> list[Head]:
+    return [(layer, head) for layer in range(start, end) for head in range(n_heads)]
+
+
+@dataclass(frozen=True)
+class LayerHeads(HeadSelector):
+    """Every head of the layers [start, end): ICR restricted to a band of layers (truncation=auto keeps layers < end)."""
+
+    name: ClassVar[str] = "layers"
+    start: int = setting(0, ge=0, doc="first layer of the band")
+    end: int | None = setting(None, ge=1, null="the model's last layer + 1", doc="layer after the band (exclusive)")
+
+    def bounds(self, n_layers: int) -> tuple[int, int]:
+        return self.start, n_layers if self.end is None else self.end
+
+    def check_dims(self, n_layers: int, n_heads: int) -> None:
+        start, end = self.bounds(n_layers)
+        if not 0 <= start < end <= n_layers:
+            raise CorexpError(f"heads.start={start} heads.end={end} is not a band of this model's layers: use "
+                              f"0 <= start < end <= {n_layers}")
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        start, end = self.bounds(ctx.n_layers)
+        return HeadSelection(layer_heads(start, end, ctx.n_heads), metric=self.name)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        end = "end" if self.end is None else str(self.end)
+        return "layers" if {"start", "end"} <= hide else f"layers[{self.start},{end})"
+
+
+def window_scores(masses: np.ndarray, pos_index: np.ndarray, width: int) -> np.ndarray:
+    """Per window of `width` consecutive layers (by first layer): the mean reciprocal rank of the positive when the
+    documents are scored by the attention mass of all the window's heads together (ICR's sum, restricted to the
+    window). Ties count half. masses: (instances, layers, heads, docs)."""
+    per_layer = masses.sum(axis=2)  # (instances, layers, docs)
+    n_layers = per_layer.shape[1]
+    out = np.zeros(n_layers - width + 1)
+    rows = np.arange(per_layer.shape[0])
+    for start in range(n_layers - width + 1):
+        scores = per_layer[:, start:start + width].sum(axis=1)  # (instances, docs)
+        pos = scores[rows, pos_index][:, None]
+        rank = 1 + (scores > pos).sum(axis=1) + 0.5 * ((scores == pos).sum(axis=1) - 1)
+        out[start] = float((1.0 / rank).mean())
+    return out
+
+
+@dataclass(frozen=True)
+class WindowHeads(HeadSelector):
+    """Every head of the window of `width` consecutive layers that ranks the positive best on the detection set (mean
+    reciprocal rank of the positive under the window's summed attention mass); never chosen on evaluation queries."""
+
+    name: ClassVar[str] = "window"
+    needs_detection: ClassVar[bool] = True
+    width: int = setting(4, ge=1, doc="layers in the window")
+
+    def check_dims(self, n_layers: int, n_heads: int) -> None:
+        if self.width > n_layers:
+            raise CorexpError(f"heads.width={self.width} is not allowed: use 1..{n_layers} (model layers)")
+
+    def select(self, ctx: SelectionContext) -> HeadSelection:
+        if ctx.detection is None:
+            raise CorexpError("heads=window needs detection data")
+        scores = window_scores(ctx.detection.masses, ctx.detection.pos_index, self.width)
+        start = int(np.argmax(scores))  # ties: the lowest window
+        return HeadSelection(layer_heads(start, start + self.width, ctx.n_heads), None, None, ctx.detection.instances,
+                             metric=self.name, window=(start, start + self.width), window_scores=scores)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return "window" if "width" in hide else f"window-w{self.width}"

@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from corexp.components.base import Component
 from corexp.errors import CorexpError
-from corexp.settings import setting
+from corexp.settings import Component, setting
 
 
 class Truncation(Component):

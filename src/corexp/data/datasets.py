@@ -1,4 +1,9 @@
-"""Datasets: queries, qrels, documents and an optional first-stage run, from ir_datasets or a BEIR-layout folder."""
+"""Datasets: queries, qrels, documents and an optional first-stage run, from ir_datasets or a BEIR-layout folder.
+
+`DataSource` is the `data` group's component (conf/data/*.yaml): where a data set comes from, which queries and
+measures a job evaluates, and the fingerprint of its content (corpus, queries, qrels and run file) that enters a run's
+identity: editing a judgment reruns the job, moving the folder does not.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,35 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corexp.errors import CorexpError
+from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
+
+
+class Ranking(list):
+    """One query's ranked documents, best first: a list of (doc id, score) pairs with the accessors of rerankers'
+    RankedResults — `ids`, `scores`, `top(k)`, `score_of(doc_id)`. First stages, the re-ranker and TREC runs all
+    return it; being a list, it slices, iterates in pairs and compares like one."""
+
+    @property
+    def ids(self) -> list[str]:
+        return [d for d, _ in self]
+
+    @property
+    def scores(self) -> list[float]:
+        return [s for _, s in self]
+
+    def top(self, k: int) -> Ranking:
+        return Ranking(self[:k])
+
+    def score_of(self, doc_id: str) -> float:
+        for d, s in self:
+            if d == doc_id:
+                return s
+        raise KeyError(doc_id)
+
+
+TrecRun = dict[str, Ranking]  # query id -> its ranking (a TREC run file, a first stage's or a re-ranker's output)
 
 
 @dataclass(frozen=True)
@@ -42,7 +74,7 @@ class IRDataset:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     docs: DocStore
-    run: dict[str, list[tuple[str, float]]] | None = None
+    run: TrecRun | None = None
     fingerprint: str = ""  # queries, judgments and documents (first-stage runs are keyed on it)
     meta: dict[str, Any] = field(default_factory=dict)
     corpus_fingerprint: str = ""  # the documents alone: splits of one corpus share its embeddings
@@ -85,20 +117,48 @@ def _find(folder: Path, stem: str) -> Path | None:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def file_digest(*paths: Path) -> str:
-    """sha256 over the files' bytes (memoised per process by path, size and mtime): a location-free identity."""
+def file_digest(*paths: Path, memo_dir: Path | None = None) -> str:
+    """sha256 over the files' bytes: a location-free identity. Memoised per process by path, size and mtime, and,
+    with memo_dir, across processes (a job start need not re-read a large corpus that has not changed)."""
     h = hashlib.sha256()
     for path in paths:
         st = path.stat()
         memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if memo not in _DIGESTS:
-            fh_hash = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    fh_hash.update(chunk)
-            _DIGESTS[memo] = fh_hash.hexdigest()
+            _DIGESTS[memo] = _stored_digest(memo, memo_dir) or _hash_file(path)
+            if memo_dir is not None:
+                _store_digest(memo, _DIGESTS[memo], memo_dir)
         h.update(_DIGESTS[memo].encode())
     return h.hexdigest()[:20]
+
+
+def _hash_file(path: Path) -> str:
+    fh_hash = hashlib.sha256()
+    with _reading(path, "file"), open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            fh_hash.update(chunk)
+    return fh_hash.hexdigest()
+
+
+def _memo_path(memo: tuple[str, int, int], memo_dir: Path) -> Path:
+    return Path(memo_dir) / "digests" / (hashlib.sha256(memo[0].encode()).hexdigest()[:24] + ".json")
+
+
+def _stored_digest(memo: tuple[str, int, int], memo_dir: Path | None) -> str | None:
+    if memo_dir is None:
+        return None
+    try:
+        stored = json.loads(_memo_path(memo, memo_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("sha256") if [stored.get("path"), stored.get("size"), stored.get("mtime_ns")] == list(memo) else None
+
+
+def _store_digest(memo: tuple[str, int, int], digest: str, memo_dir: Path) -> None:
+    from corexp.files import atomic_write_json
+
+    with contextlib.suppress(OSError, CorexpError):  # a read-only cache only costs a re-read next time
+        atomic_write_json(_memo_path(memo, memo_dir), {"path": memo[0], "size": memo[1], "mtime_ns": memo[2], "sha256": digest})
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -133,7 +193,7 @@ def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+def read_trec_run(path: Path) -> TrecRun:
     """A TREC run as ranked lists (by score, then by the file's rank column)."""
     rows: dict[str, list[tuple[int, float, str]]] = {}
     with _reading(path, "TREC run"), _open_text(path) as fh:
@@ -148,12 +208,10 @@ def read_trec_run(path: Path) -> dict[str, list[tuple[str, float]]]:
             except ValueError:
                 raise CorexpError(f"{path}:{lineno}: rank/score are not numbers in the TREC run") from None
             rows.setdefault(parts[0], []).append((rank, score, parts[2]))
-    return {
-        qid: [(d, s) for _, s, d in sorted(items, key=lambda x: (-x[1], x[0]))] for qid, items in rows.items()
-    }
+    return {qid: Ranking((d, s) for _, s, d in sorted(items, key=lambda x: (-x[1], x[0]))) for qid, items in rows.items()}
 
 
-def write_trec_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> None:
+def write_trec_run(run: TrecRun, path: Path, tag: str) -> None:
     from corexp.files import atomic_write_text
 
     lines = [
@@ -280,23 +338,71 @@ def load_irds(irds_id: str, name: str, run_file: str | None = None) -> IRDataset
         scored: dict[str, list[tuple[str, float]]] = {}
         for i, sd in enumerate(ds.scoreddocs_iter()):
             scored.setdefault(sd.query_id, []).append((sd.doc_id, float(sd.score) - i * 1e-9))
-        run = {q: sorted(v, key=lambda x: -x[1]) for q, v in scored.items()}
+        run = {q: Ranking(sorted(v, key=lambda x: -x[1])) for q, v in scored.items()}
     return IRDataset(name, queries, qrels, IrdsDocStore(ds), run, f"irds:{irds_id}", {"source": irds_id},
                      corpus_fingerprint=f"irds-docs:{ir_datasets.docs_parent_id(irds_id)}")
 
 
-def load_dataset(cfg: Any) -> IRDataset:
-    """Dispatch on the data config: a local folder wins over an ir_datasets id."""
-    if cfg.get("local_dir"):
-        ds = load_local(cfg.local_dir, cfg.get("split", "test"), cfg.name, cfg.get("run_file"))
-    elif cfg.get("irds_id"):
-        ds = load_irds(cfg.irds_id, cfg.name, cfg.get("run_file"))
-    else:
-        raise CorexpError(f"data config '{cfg.get('name')}' sets neither local_dir nor irds_id")
+def check_queries(ds: IRDataset) -> IRDataset:
     for qid, text in ds.queries.items():
         if not text.strip():
             raise CorexpError(f"query '{qid}' of {ds.name} has empty text; remove it or fix queries.jsonl")
     return ds
+
+
+@dataclass(frozen=True)
+class Source(Component):
+    """Where queries, judgments, documents and a first-stage run come from: a BEIR-layout folder (wins) or an
+    ir_datasets id."""
+
+    name: str = setting(doc="data set name")
+    irds_id: str | None = setting(None, null="none", doc="ir_datasets id")
+    local_dir: str | None = setting(None, null="none", doc="BEIR-layout folder; wins over irds_id")
+    split: str = setting("test", doc="qrels/<split>.tsv of local_dir")
+    run_file: str | None = setting(None, null="local_dir/run*.trec or ir_datasets scoreddocs", doc="first-stage TREC run")
+
+    def load(self) -> IRDataset:
+        if self.local_dir:
+            return check_queries(load_local(self.local_dir, self.split, self.name, self.run_file))
+        if self.irds_id:
+            return check_queries(load_irds(self.irds_id, self.name, self.run_file))
+        raise CorexpError(f"data '{self.name}' sets neither local_dir nor irds_id; set data.local_dir or data.irds_id")
+
+    def files(self) -> list[Path]:
+        """The local files whose bytes are the data (corpus, queries, qrels of the split, run file), in a fixed order."""
+        paths = []
+        if self.local_dir:
+            folder = Path(self.local_dir).expanduser()
+            if not folder.is_dir():
+                raise CorexpError(f"data folder {folder} does not exist; set data.local_dir to a BEIR-layout folder")
+            paths = [p for p in (_find(folder, "corpus.jsonl"), _find(folder, "queries.jsonl"),
+                                 _find(folder / "qrels", f"{self.split}.tsv")) if p is not None]
+            run = Path(self.run_file).expanduser() if self.run_file else next(iter(sorted(folder.glob("run*.trec*"))), None)
+        else:
+            run = Path(self.run_file).expanduser() if self.run_file else None
+        return [*paths, *([run] if run is not None and run.is_file() else [])]
+
+    def fingerprint(self, memo_dir: Path | None = None) -> str:
+        """The data's identity by content: sha256 of its local files (or the ir_datasets id, whose content is fixed)."""
+        files = self.files()
+        digest = file_digest(*files, memo_dir=memo_dir) if files else "none"
+        return f"local-sha256:{digest}" if self.local_dir else f"irds:{self.irds_id}:{digest}"
+
+
+@dataclass(frozen=True)
+class DataSource(Source):
+    """The `data` group: the evaluation data set, which of its queries a job evaluates and with which measures."""
+
+    max_queries: int | None = setting(None, ge=1, null="all queries", doc="evaluate the first N queries (sorted ids)")
+    query_ids: list[str] | None = setting(None, doc="evaluate these query ids only")
+    drop_self_hits: bool = setting(False, doc="drop a candidate whose id equals the query id (ArguAna, Quora)")
+    question_style: bool = setting(False, doc="ICR's question instruction applies (prompt.instruction_style=auto)")
+    measures: list[str] = setting(factory=lambda: ["nDCG@10", "R@10", "RR"], doc="ir_measures measures")
+    forum: str | None = setting(None, null="none", doc="cqadupstack only")
+
+    def queries(self, ds: IRDataset) -> list[str]:
+        """The evaluation queries in a stable order (sorted ids), optionally the first N or the given ids."""
+        return select_queries(ds, self.max_queries, self.query_ids)
 
 
 def select_queries(ds: IRDataset, max_queries: int | None, query_ids: list[str] | None = None) -> list[str]:

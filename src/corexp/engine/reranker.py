@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from corexp.data.datasets import Document
+from corexp.data.datasets import Document, Ranking
 from corexp.engine.attention import Readout, TreePass, recording, tree_pass
 from corexp.engine.models import LoadedModel
-from corexp.engine.prompt import EncodedPrompt, PromptBuilder, verify_spans
+from corexp.engine.prompt import EncodedPrompt, PromptBuilder, PromptSpec, verify_spans
 from corexp.engine.readout_cache import HeadTable, ReadoutCache
 from corexp.engine.scoring import document_scores, rank
 from corexp.errors import CorexpError
@@ -62,7 +62,7 @@ class Scored:
 class AttentionReranker:
     """Re-rank candidates of one query with the attention of `heads` (None: all heads = ICR)."""
 
-    def __init__(self, lm: LoadedModel, prompt_cfg: Any, heads: list[Head] | None = None, template: str = "auto",
+    def __init__(self, lm: LoadedModel, prompt: PromptSpec, heads: list[Head] | None = None, template: str = "auto",
                  instruction: str | None = None, one_pass: bool = True, readout_cache: ReadoutCache | None = None,
                  calibrate: bool = True):
         self.lm = lm
@@ -70,7 +70,7 @@ class AttentionReranker:
         self.one_pass = one_pass  # real and N/A query in one forward (tree attention); False: N/A on the cached prefix
         self.readout_cache = readout_cache  # every head's token scores per prompt, reused by other head sets
         self.heads = heads
-        self.prompt = PromptBuilder(lm.tokenizer, prompt_cfg, template, lm.max_context, instruction)
+        self.prompt = PromptBuilder(lm.tokenizer, prompt, template, lm.max_context, instruction)
         self._croppable: bool | None = None
         if heads is not None:
             bad = [h for h in heads if not (0 <= h[0] < lm.kept_layers and 0 <= h[1] < lm.num_heads)]
@@ -82,8 +82,8 @@ class AttentionReranker:
                 raise CorexpError("the head set is empty; choose heads.k >= 1")
 
     @property
-    def cfg(self) -> Any:
-        return self.prompt.cfg
+    def spec(self) -> PromptSpec:
+        return self.prompt.spec
 
     @property
     def template(self) -> Any:
@@ -155,7 +155,7 @@ class AttentionReranker:
             return scores
 
         def na_encoding():
-            na = self.prompt.encode_plain(texts_in_order, self.cfg.calibration_query)
+            na = self.prompt.encode_plain(texts_in_order, self.spec.calibration_query)
             return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
 
         if self.one_pass:
@@ -192,13 +192,17 @@ class AttentionReranker:
 
     def _cached_scores(self, enc: EncodedPrompt, na: EncodedPrompt, stats: QueryStats, clock: _Clock) -> torch.Tensor:
         """c_j of this head set from the prompt's table of every head (readout_cache.py); computed once per prompt."""
+        return self._table(enc, na, stats, clock).scores(self.heads, self.lm.kept_layers, self.calibrate)
+
+    def _table(self, enc: EncodedPrompt, na: EncodedPrompt, stats: QueryStats, clock: _Clock) -> HeadTable:
+        """The prompt's table of every head, from the read-out cache, or read out once (one forward) and stored."""
         cache = self.readout_cache
         key = cache.key(enc.input_ids[0, :enc.q_end], na.input_ids[0, na.q_start:na.q_end], enc.q_start)
         table = cache.load(key)
         if table is not None and table.covers(self.heads, self.lm.kept_layers):
             cache.hits += 1
             stats.cached = True
-            return table.scores(self.heads, self.lm.kept_layers, self.calibrate)
+            return table
         real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
         na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
         self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
@@ -207,7 +211,20 @@ class AttentionReranker:
         table = HeadTable(labels, real[:, :enc.q_start].float().cpu(), calib[:, :enc.q_start].float().cpu())
         clock.close()
         cache.store(key, table)
-        return table.scores(self.heads, self.lm.kept_layers, self.calibrate)
+        return table
+
+    def head_table(self, query: str, docs: list[Document], query_id: str = "") -> tuple[HeadTable, EncodedPrompt, list[int]]:
+        """Every head's token scores of this query's prompt (studies: the head atlas), from the read-out cache or read
+        out once; with the encoded prompt (spans in prompt order) and the candidates' indices in prompt order."""
+        if self.readout_cache is None:
+            raise CorexpError("head tables come from the read-out cache: set readout_cache=true")
+        texts = self.doc_texts(docs)
+        enc, order = self.encode(query, texts, query_id)
+        na = self.prompt.encode_plain([texts[i] for i in order], self.spec.calibration_query)
+        if na.q_start != enc.q_start or not torch.equal(na.input_ids[0, :enc.q_start], enc.input_ids[0, :enc.q_start]):
+            raise CorexpError("the N/A prompt does not share the documents' tokens with the query's prompt: no head table")
+        stats = QueryStats()
+        return self._table(enc, na, stats, _Clock(self.lm.device, stats)), enc, order
 
     @torch.inference_mode()
     def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
@@ -247,7 +264,7 @@ class AttentionReranker:
                 scores[idx] = floor - k
         return Scored(scores, stats)
 
-    def rerank(self, query: str, docs: list[Document] | list[tuple[str, str]] | list[str], query_id: str = "") -> list[tuple[str, float]]:
+    def rerank(self, query: str, docs: list[Document] | list[tuple[str, str]] | list[str], query_id: str = "") -> Ranking:
         """Ranked (doc id, score), best first. Accepts Documents, (id, text) pairs or plain texts (ids "0", "1", ...)."""
         norm = [
             d if isinstance(d, Document) else Document(d[0], None, d[1]) if isinstance(d, tuple) else Document(str(i), None, d)
@@ -282,17 +299,3 @@ class _Clock:
     def close(self) -> None:
         self.stats.pass_seconds += [a.elapsed_time(b) / 1000 for a, b in self.events]
         self.events = []
-
-
-def build_reranker(model: str = "smollm2", heads: list[Head] | None = None, prompt: str = "core",
-                   overrides: list[str] | None = None) -> AttentionReranker:
-    """Python API without Hydra's CLI: compose the packaged configs, validate them as a job does, load the model (only the
-    layers up to the deepest given head)."""
-    from corexp.config import compose_config
-    from corexp.engine.models import load_model
-    from corexp.job import Job
-
-    job = Job.from_config(compose_config([f"model={model}", f"prompt={prompt}", *(overrides or [])]))
-    keep = None if heads is None else max(layer for layer, _ in heads) + 1
-    lm = load_model(job.cfg.model, job.cfg.paths.cache_dir, keep_layers=keep)
-    return AttentionReranker(lm, job.prompt_cfg, heads=heads, template=job.cfg.model.template)

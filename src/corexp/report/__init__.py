@@ -1,1 +1,1 @@
-"""Reporting above the compute path: paper-style tables from the MLflow store (`python -m corexp.report.tables`)."""
+"""Reporting above the compute path: paper-style tables from the MLflow store (`python -m corexp.report`)."""

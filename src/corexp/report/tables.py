@@ -1,27 +1,35 @@
 """Paper-style tables from the MLflow store: methods x datasets per model, paired tests, BEIR averages, references.
 
-    python -m corexp.report.tables --experiment results [--measure nDCG@10] [--baseline first-stage] [--out docs/...]
-    python -m corexp.report.tables --experiment pruning --vs truncation.fraction      # the pruning study: figure + table
+    python -m corexp.report --experiment results [--measure nDCG@10] [--baseline first-stage] [--out docs/...]
+    python -m corexp.report --experiment pruning --vs truncation.fraction      # the pruning study: figure + table
 
-BEIR is averaged as the papers do: CQADupStack's 12 forums (data=cqadupstack-<forum>) are first averaged into one
-number, then the 15 BEIR sets are averaged ("BEIR-15", shown when all 15 are present). Cells of the model x method x
-data set grid that have no finished run are listed as missing, never estimated.
+Runs are read through corexp.tracking.tracker.Store (read only: a mistyped --tracking-uri never creates a store). Each
+config is represented by its run of the current code where one exists, else by its newest run, and every number of
+older code is named with its code digest. Runs that differ only in a seed (random heads) are one cell shown as a
+distribution: mean ± sd [min–max], n. A per-query table is used only when it holds the run's queries and the
+measure. BEIR is averaged as the papers do: CQADupStack's 12 forums (data=cqadupstack-<forum>) are first averaged into
+one number, then the 15 BEIR sets are averaged ("BEIR-15", shown when all 15 are present). Cells of the model x method
+x data set grid that have no finished run are listed as missing, never estimated.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from corexp.config import project_root
-from corexp.data.evaluation import parse_measures, safe_name
+from corexp.data.evaluation import metric_key, parse_measures
 from corexp.errors import CorexpError
 from corexp.job import Labels
+from corexp.locations import project_root
+from corexp.tracking.identity import code_digest
+from corexp.tracking.tracker import Store
 
 BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
            "climate-fever", "scifact", "nq", "hotpotqa", "fever", "quora", "cqadupstack", "msmarco-dev"]
@@ -38,72 +46,91 @@ REFERENCE = {
 }
 
 
-def dataset_group(name: str) -> str:
-    """cqadupstack-<forum> -> cqadupstack (the BEIR average counts the 12 forums as one data set)."""
-    return "cqadupstack" if str(name).startswith("cqadupstack") else str(name)
-
-
-def load_runs(uri: str, experiments: list[str], per_cell: bool = True) -> pd.DataFrame:
-    """FINISHED runs, the newest per config (its identity's config hash) and, with per_cell, per (model, data set,
-    method) cell (per_cell=False keeps every config: the seeds and folds of a study).
-
-    The frame's `attrs["older_code"]` lists the configs whose store also holds FINISHED runs of other code versions
-    (the report never mixes them silently: only the newest run of a config is used)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=experiments, output_format="list")
+def load_runs(store: Store, experiments: list[str]) -> pd.DataFrame:
+    """FINISHED runs, one per config (its identity's config hash): its run of the current code where one exists, else
+    its newest. The `code` column says "current" or the older code's digest; `attrs["older_code"]` names the configs
+    whose numbers come from older code. Configs of one (model, data set, method) cell differ only in a seed and are
+    reported together, as a distribution."""
+    current = code_digest()
     rows = []
-    for r in runs:
-        tags = r.data.tags
-        if r.info.status != "FINISHED" or tags.get("sweep") == "parent":
-            continue
+    for r in store.finished_runs(experiments):
+        tags = r.tags
         if "corexp.labels" not in tags:
-            raise CorexpError(f"run {r.info.run_id} ({r.info.run_name}) has no corexp labels: it was logged by an older "
-                              "corexp; rerun it or report from another experiment")
+            raise CorexpError(f"run {r.run_id} ({r.name}) has no corexp labels: it was logged by an older corexp; rerun it "
+                              "or report from another experiment")
         labels = Labels.from_tags(tags)
-        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "start": r.info.start_time,
-                     "model": labels.model, "dataset": labels.dataset, "method": labels.method_label(),
-                     "first_stage": labels.first_stage, "labels": labels, "params": r.data.params,
-                     "metrics": r.data.metrics, "queries": r.data.metrics.get("queries"),
-                     "config_hash": tags.get("config_hash"), "code_digest": tags.get("code_digest")})
+        rows.append({"run_id": r.run_id, "run_name": r.name, "start": r.start_ms, "model": labels.model,
+                     "dataset": labels.dataset, "method": labels.method_label(), "first_stage": labels.first_stage,
+                     "labels": labels, "params": r.params, "metrics": r.metrics, "queries": r.metrics.get("queries"),
+                     "config_hash": tags.get("config_hash"), "code_digest": tags.get("code_digest", "")})
     if not rows:
-        raise CorexpError(f"no FINISHED runs in experiment(s) {experiments} of {uri}")
+        raise CorexpError(f"no FINISHED runs in experiment(s) {', '.join(experiments)} of {store.uri}")
     df = pd.DataFrame(rows).sort_values("start")
-    older = []
-    for _, g in df.groupby("config_hash"):
-        newest = g.iloc[-1]
-        old = g[g["code_digest"] != newest["code_digest"]]
-        if len(old):
-            older.append(f"{newest['run_name']}: {len(old)} older-code run(s) (code {', '.join(sorted(set(old['code_digest'])))}; "
-                         f"newest {newest['code_digest']}) not used")
-    latest = df.groupby("config_hash", as_index=False).last().sort_values("start")
-    out = latest.groupby(["model", "dataset", "method"], as_index=False).last() if per_cell else latest.reset_index(drop=True)
+    chosen, older = [], []
+    for _, g in df.groupby("config_hash", sort=False):
+        now = g[g["code_digest"] == current]
+        row = (now if len(now) else g).iloc[-1].copy()
+        row["code"] = "current" if len(now) else row["code_digest"]
+        if not len(now):
+            older.append(f"{row['run_name']}: from code {row['code_digest']} (no run of the current code {current})")
+        chosen.append(row)
+    out = pd.DataFrame(chosen).sort_values("start").reset_index(drop=True)
     out.attrs["older_code"] = older
+    out.attrs["current_code"] = current
     return out
 
 
-def per_query(run_id: str, cache: dict) -> pd.DataFrame:
-    import mlflow
+def logged_measures(df: pd.DataFrame) -> list[str]:
+    return sorted({m for p in df["params"] for m in json.loads(p.get("data.measures", "[]"))})
 
+
+def check_measure(df: pd.DataFrame, measure: str) -> Any:
+    """The parsed measure, when the runs logged it; else one line naming the measures they did log."""
+    parsed = parse_measures([measure])[0]
+    if not any(metric_key("rerank", parsed) in m for m in df["metrics"]):
+        raise CorexpError(f"measure {measure} was not logged by these runs; logged: {', '.join(logged_measures(df)) or 'none'} "
+                          "(add it to data.measures and rerun, or choose --measure among them)")
+    return parsed
+
+
+def per_query(store: Store, row: Any, cache: dict) -> pd.DataFrame:
+    """The run's per-query table, checked: one row per query the run evaluated."""
+    run_id = row["run_id"]
     if run_id not in cache:
-        path = mlflow.MlflowClient().download_artifacts(run_id, "per_query.csv")
-        cache[run_id] = pd.read_csv(path, dtype={"query_id": str}).set_index("query_id")
+        table = pd.read_csv(store.artifact(run_id, "per_query.csv"), dtype={"query_id": str}).set_index("query_id")
+        expected = row.get("queries")
+        if expected is not None and expected == expected and len(table) != int(expected):
+            raise ValueError(f"per_query.csv has {len(table)} queries, the run evaluated {int(expected)} (a cut table)")
+        cache[run_id] = table
     return cache[run_id]
 
 
-def per_query_or_none(run_id: str, run_name: str, cache: dict, unreadable: list[str]) -> pd.DataFrame | None:
-    """The run's per-query table; a run whose artifact cannot be read is named in `unreadable` (no test for it)."""
+def per_query_or_none(store: Store, row: Any, column: str, cache: dict, unreadable: list[str]) -> pd.Series | None:
+    """One column of the run's per-query table; a run whose table cannot be read, is cut short or lacks the column is
+    named in `unreadable` (no paired test for it)."""
+    where = f"{row.get('run_name', row['run_id'])} ({row['run_id']})"
     try:
-        return per_query(run_id, cache)
+        table = per_query(store, row, cache)
     except (OSError, ValueError, KeyError) as err:
-        unreadable.append(f"{run_name} ({run_id}): per_query.csv unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        unreadable.append(f"{where}: per_query.csv unusable ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
         return None
     except Exception as err:
         if type(err).__name__ != "MlflowException":
             raise
-        unreadable.append(f"{run_name} ({run_id}): per_query.csv missing ({str(err).splitlines()[0][:120]})")
+        unreadable.append(f"{where}: per_query.csv missing ({str(err).splitlines()[0][:120]})")
         return None
+    if column not in table.columns:
+        unreadable.append(f"{where}: per_query.csv has no column {column} (columns: {', '.join(table.columns)})")
+        return None
+    return table[column]
+
+
+def distribution(values: list[float]) -> str:
+    """One cell's values × 100: one number, or mean ± sd [min–max], n=N for several seeds."""
+    v = 100 * np.array(values, dtype=float)
+    if len(v) == 1:
+        return f"{v[0]:.1f}"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f} [{v.min():.1f}–{v.max():.1f}], n={len(v)}"
 
 
 def holm(pvalues: dict) -> dict:
@@ -126,31 +153,37 @@ def collapse_forums(values: dict[tuple[str, str], float]) -> dict[tuple[str, str
 
 
 def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", alpha: float = 0.05,
-                 unreadable: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Per model: rows = first stages then methods, columns = data sets (+ BEIR-15 and avg), values x 100.
+                 unreadable: list[str] | None = None, store: Store | None = None) -> dict[str, pd.DataFrame]:
+    """Per model: rows = first stages then methods, columns = data sets (+ BEIR-15 and avg), values x 100. A cell with
+    several configs (seeds) shows their distribution and is tested by its per-query mean over them.
 
     baseline: "first-stage" tests each method against the first stage whose candidates it re-ranked; any other value
     names a row label to test every method against.
     """
     from scipy.stats import ttest_rel
 
-    metric_key = safe_name(parse_measures([measure])[0])  # the name run.py logged
-    col_rr, col_fs = f"rerank.{parse_measures([measure])[0]}", f"first_stage.{parse_measures([measure])[0]}"
+    parsed = parse_measures([measure])[0]
+    col_rr, col_fs = metric_key("rerank", parsed), metric_key("first_stage", parsed)
     tables, cache = {}, {}
     unreadable = unreadable if unreadable is not None else []
     for model, g in df.groupby("model"):
-        values: dict[tuple[str, str], float] = {}
+        values: dict[tuple[str, str], list[float]] = {}
         queries: dict[tuple[str, str], pd.Series] = {}
         base_of: dict[str, str] = {}
-        for _, row in g.iterrows():
-            m, ds, fs = row["metrics"], row["dataset"], row["first_stage"]
-            values[(row["method"], ds)] = m.get(f"rerank.{metric_key}", np.nan)
-            values.setdefault((fs, ds), m.get(f"first_stage.{metric_key}", np.nan))
-            base_of[row["method"]] = fs
-            pq = per_query_or_none(row["run_id"], row.get("run_name", row["run_id"]), cache, unreadable)
-            if pq is not None:
-                queries[(row["method"], ds)] = pq[col_rr]
-                queries.setdefault((fs, ds), pq[col_fs])
+        for (method, ds), cell in g.groupby(["method", "dataset"], sort=False):
+            fs = cell.iloc[0]["first_stage"]
+            values[(method, ds)] = [m.get(col_rr, np.nan) for m in cell["metrics"]]
+            values.setdefault((fs, ds), [cell.iloc[0]["metrics"].get(col_fs, np.nan)])
+            base_of[method] = fs
+            if store is None:
+                continue
+            series = [per_query_or_none(store, row, col_rr, cache, unreadable) for _, row in cell.iterrows()]
+            series = [x for x in series if x is not None]
+            if series and len(series) == len(cell):
+                queries[(method, ds)] = pd.concat(series, axis=1).mean(axis=1)
+            first = per_query_or_none(store, cell.iloc[0], col_fs, cache, [])
+            if first is not None:
+                queries.setdefault((fs, ds), first)
         pvals = {}
         for (method, ds), series in queries.items():
             ref = base_of.get(method) if baseline == "first-stage" else baseline
@@ -161,26 +194,26 @@ def build_tables(df: pd.DataFrame, measure: str, baseline: str = "first-stage", 
             if len(a) > 1 and not np.allclose(a.values, b.values):
                 pvals[(method, ds)] = (float(ttest_rel(a.values, b.values).pvalue), ref)
         adjusted = holm({k: v[0] for k, v in pvals.items()})
-        values = collapse_forums(values)
-        datasets = sorted({d for _, d in values}, key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else 99, d))
+        means = collapse_forums({k: float(np.mean(v)) for k, v in values.items()})
+        datasets = sorted({d for _, d in means}, key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else 99, d))
         first_stages = sorted(set(base_of.values()), key=lambda s: (s != "BM25", s))
-        methods = first_stages + sorted({m for m, _ in values} - set(first_stages))
+        methods = first_stages + sorted({m for m, _ in means} - set(first_stages))
         beir = [d for d in datasets if d in BEIR_15]
         extra = (["BEIR-15"] if beir else []) + (["avg"] if len(datasets) > 1 else [])
         table = pd.DataFrame(index=methods, columns=datasets + extra, dtype=object)
         for method in methods:
             nums = {}
             for ds in datasets:
-                v = values.get((method, ds), np.nan)
+                v = means.get((method, ds), np.nan)
                 if np.isnan(v):
                     table.loc[method, ds] = ""
                     continue
                 nums[ds] = v
                 p = adjusted.get((method, ds))
                 ref = pvals.get((method, ds), (None, None))[1]
-                better = v > values.get((ref, ds), np.nan)
+                better = v > means.get((ref, ds), np.nan)
                 mark = "" if p is None or p >= alpha else ("†" if better else "‡")
-                table.loc[method, ds] = f"{100 * v:.1f}{mark}"
+                table.loc[method, ds] = distribution(values.get((method, ds), [v])) + mark
             if "BEIR-15" in extra:
                 table.loc[method, "BEIR-15"] = f"{100 * np.mean([nums[d] for d in BEIR_15]):.1f}" if all(d in nums for d in BEIR_15) else ""
             if "avg" in extra:
@@ -247,7 +280,7 @@ def sweep_table(df: pd.DataFrame, key: str, measure: str) -> pd.DataFrame:
     """One row per (model, method, data set, value of `key`): kept layers, the measure, latency and peak memory, the
     last three also relative to the line's first point (the smallest value: no truncation for truncation.fraction).
     Lines are named by the method without the swept setting (`CoRe-k8 τ=0.1 [trunc=fraction]`)."""
-    metric = f"rerank.{safe_name(parse_measures([measure])[0])}"
+    metric = metric_key("rerank", parse_measures([measure])[0])
     group, _, setting = key.partition(".")
     rows = []
     for _, r in df.iterrows():
@@ -294,11 +327,11 @@ def sweep_figures(t: pd.DataFrame, key: str, measure: str, out: Path) -> list[Pa
 
 
 def _notes(df: pd.DataFrame, unreadable: list[str]) -> list[str]:
-    """What the reader must know about the runs behind the tables: older code versions left out, unreadable artifacts."""
-    md = []
+    """What the reader must know about the runs behind the tables: which code computed them, unusable artifacts."""
+    md = [f"\nEvery number comes from a run of the current code ({df.attrs.get('current_code')}) unless listed here.\n"]
     if df.attrs.get("older_code"):
-        md += ["\n## Configs with runs of older code\n", "Only each config's newest run is used; these also have runs of "
-               "other code versions (their `code_digest` tag):\n", *[f"- {x}" for x in df.attrs["older_code"]], ""]
+        md += ["\n## Numbers from older code\n", "These configs have no run of the current code; their numbers come from the "
+               "code named (its `code_digest` tag):\n", *[f"- {x}" for x in df.attrs["older_code"]], ""]
     if unreadable:
         md += ["\n## Runs without per-query results\n", "No paired test for these runs:\n", *[f"- {x}" for x in unreadable], ""]
     return md
@@ -309,7 +342,9 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
     """Tables, figures and a Markdown report into the folder `out`; or, when `out` ends in .md, the Markdown there
     and the other files into the folder of the same name beside it (docs/results.md + docs/results/). Returns the
     files written and the Markdown (the CLI prints it)."""
-    df = load_runs(uri, experiments)
+    store = Store(uri)
+    df = load_runs(store, experiments)
+    check_measure(df, measure)
     out = Path(out)
     md_path, link = (out, f"{out.stem}/") if out.suffix == ".md" else (out / "report.md", "")
     out = out.with_suffix("") if out.suffix == ".md" else out
@@ -326,7 +361,7 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
         md_path.write_text("\n".join(md) + "\n")
         return [*written, out / "sweep.csv", md_path], "\n".join(md)
     unreadable: list[str] = []
-    tables = build_tables(df, measure, baseline, unreadable=unreadable)
+    tables = build_tables(df, measure, baseline, unreadable=unreadable, store=store)
     base_text = "the first stage whose candidates it re-ranked" if baseline == "first-stage" else baseline
     md = [f"# {measure} by model ({', '.join(experiments)})\n",
           f"† significantly better than {base_text}, ‡ significantly worse (paired t-test over queries, Holm-corrected "
@@ -352,7 +387,7 @@ def write_report(uri: str, experiments: list[str], out: Path, measure: str, base
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m corexp.report.tables", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m corexp.report", description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiment", action="append", default=None, help="MLflow experiment (repeatable; default corexp)")
     ap.add_argument("--measure", default="nDCG@10")
@@ -373,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
         print("\nwritten:", *written, sep="\n  ")
     except CorexpError as err:
-        print(f"corexp.report.tables: error: {err}", file=sys.stderr)
+        print(f"corexp.report: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from corexp.locations import PACKAGE_DIR
@@ -49,3 +50,45 @@ def code_digest(package: Path = PACKAGE_DIR) -> str:
         except PackageNotFoundError:
             h.update(f"{name}: absent\0".encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a run computes and with which code.
+
+    config_hash: the job's settings with each data set as its content fingerprint (no paths: another clone or node
+    finds the same runs); code_digest: the compute path's code; setup_hash: the settings without the data's content
+    (tells "the data changed" from "another config"); data_fingerprint: the data's content.
+    """
+
+    config_hash: str
+    code_digest: str
+    setup_hash: str = ""
+    data_fingerprint: str = ""
+
+
+def git_commit() -> str:
+    """The checkout's commit (provenance only: the code digest is what identifies the code)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("corexp", "torch", "transformers", "ir_datasets", "ir_measures", "bm25s", "mlflow", "hydra-core"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def provenance_tags() -> dict[str, str]:
+    return {"git_commit": git_commit(), **{f"version.{k}": v for k, v in package_versions().items()}}

@@ -8,16 +8,17 @@ with a `failure` tag counting them, or FINISHED, and leaves the count in SWEEP_F
 from __future__ import annotations
 
 import json
-import os
-import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from corexp.tracking.store import PARENT_FILE, SWEPT_FILE
+from corexp.tracking.liveness import ProcessId, is_alive
 
+PARENT_FILE = "mlflow_parent_run_id"
+SWEPT_FILE = "swept_keys.json"
 FAILED_DIR = "failed"
 SWEEP_FAILURES: tuple[int, int] | None = None  # (failed jobs, jobs) of the last sweep this process ran
 
@@ -38,20 +39,24 @@ def record_failure(line: str) -> bool:
     return True
 
 
+def _tracker(config: DictConfig) -> Any:
+    """The sweep's tracker (the tracking group built as a job builds it); one line and exit 2 when it cannot open."""
+    import sys
+
+    from corexp.config import build
+    from corexp.errors import CorexpError
+
+    try:
+        return build(config.tracking, "tracking").component.open()
+    except CorexpError as err:  # before any job: the sweep cannot log anywhere
+        print(f"corexp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import sys
-
-        from corexp.errors import CorexpError
-        from corexp.tracking import store as tracking
-
-        try:
-            mlflow = tracking.setup(config)
-        except CorexpError as err:  # before any job: the sweep cannot log anywhere
-            print(f"corexp: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        experiment_id = mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
-        fail_killed_sweeps(mlflow, experiment_id)
+        tracker = _tracker(config)
+        fail_killed_sweeps(tracker)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task)
@@ -59,17 +64,16 @@ class MlflowSweepCallback(Callback):
         swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
         params = config.hydra.get("sweeper", {}).get("params") or {}
         swept += [f"{k}={v}" for k, v in params.items() if k in keys and not any(s.startswith(f"{k}=") for s in swept)]
-        run = mlflow.MlflowClient().create_run(
-            experiment_id, run_name=" · ".join(["sweep", *swept, f"{sweep_dir.parent.name} {sweep_dir.name}"]),
+        run = tracker.client.create_run(
+            tracker.experiment_id, run_name=" · ".join(["sweep", *swept, f"{sweep_dir.parent.name} {sweep_dir.name}"]),
             tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
-                  "sweep_host": socket.gethostname(), "sweep_pid": str(os.getpid())},
+                  **{f"sweep_{k}": v for k, v in ProcessId.current().tags().items()}, "heartbeat": f"{time.time():.0f}"},
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         (sweep_dir / SWEPT_FILE).write_text(json.dumps(keys))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global SWEEP_FAILURES
-        from corexp.tracking import store as tracking
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = sorted((sweep_dir / FAILED_DIR).glob("*.txt")) if (sweep_dir / FAILED_DIR).is_dir() else []
@@ -77,13 +81,12 @@ class MlflowSweepCallback(Callback):
         SWEEP_FAILURES = (len(failed), max(jobs, len(failed))) if failed else None
         path = sweep_dir / PARENT_FILE
         if path.is_file():
-            mlflow = tracking.setup(config)
-            client = mlflow.MlflowClient()
+            tracker = _tracker(config)
             run_id = path.read_text().strip()
             if failed:
-                client.set_tag(run_id, "failure", f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " +
-                               "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]))
-            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+                tracker.client.set_tag(run_id, "failure", f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " +
+                                       "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]))
+            tracker.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -94,7 +97,7 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys = set()
     try:
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        keys |= {o.key_or_group.lstrip("+~") for o in parsed if o.is_sweep_override()}
+        keys |= {o.key_or_group.lstrip("+~").replace("/", ".") for o in parsed if o.is_sweep_override()}
     except Exception:
         pass
     params = config.hydra.get("sweeper", {}).get("params") or {}
@@ -102,19 +105,15 @@ def swept_keys(config: DictConfig) -> list[str]:
     return sorted(keys)
 
 
-def fail_killed_sweeps(mlflow: Any, experiment_id: str) -> int:
-    """Parent runs left RUNNING by a sweep whose process is gone from this host (killed): mark them FAILED.
-
-    A sweep running elsewhere or still alive here is left alone; children are handled by each job's own check.
-    """
-    from corexp.tracking import store as tracking
-
-    client = mlflow.MlflowClient()
-    host, stale = socket.gethostname(), 0
-    for run in client.search_runs([experiment_id], "tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if tags.get("sweep_host") == host and tags.get("sweep_pid", "").isdigit() and not tracking.pid_alive(int(tags["sweep_pid"])):
-            client.set_terminated(run.info.run_id, status="FAILED")
-            client.set_tag(run.info.run_id, "failure", "sweep process was killed before it ended")
+def fail_killed_sweeps(tracker: Any) -> int:
+    """Parent runs left RUNNING by a sweep whose process is provably gone (killed): FAILED, with the reason. A sweep
+    running elsewhere or still alive is left alone (corexp.tracking.liveness); children are each job's to judge."""
+    stale = 0
+    for run in tracker.runs("tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
+        tags = {k[len("sweep_"):]: v for k, v in run.tags.items() if k.startswith("sweep_")}
+        tags["heartbeat"] = run.tags.get("heartbeat", "")
+        if not is_alive(tags, run.start_ms, float("inf"), here=tracker.here):  # no heartbeat rule for parents
+            tracker.client.set_tag(run.run_id, "failure", "the sweep's process was killed before it ended")
+            tracker.client.set_terminated(run.run_id, status="FAILED")
             stale += 1
     return stale

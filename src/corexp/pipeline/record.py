@@ -1,0 +1,136 @@
+"""What a job's MLflow run holds: data set tags and input, metrics, the chosen heads (table, figures), TREC runs and the
+per-query table, all under one metric-name scheme (corexp.data.evaluation.metric_key: `rerank.nDCG_at_10`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from corexp.components import heads as H
+from corexp.data.datasets import write_trec_run
+from corexp.data.evaluation import LENGTH_BIASED_RATIO, gold_above_longest, metric_key
+from corexp.job import Job
+from corexp.pipeline.results import EvalData, JobResult
+from corexp.tracking.figures import heads_histogram, score_heatmap
+from corexp.tracking.tracker import ActiveRun
+
+
+def output_dir(job: Job) -> Path:
+    """The job's folder: Hydra's run or sweep folder, or (Python API) a new folder under <root>/outputs/."""
+    folder = Path(job.paths.output_dir) if job.paths.output_dir else \
+        Path(job.paths.root_dir) / "outputs" / "api" / f"{time.strftime('%Y-%m-%d/%H-%M-%S')}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def log_data(run: ActiveRun, job: Job, data: EvalData) -> None:
+    """Tags and an MLflow dataset input (name, digest, source): the runs table's Dataset column and filter."""
+    ds = data.ds
+    run.set_tags({"dataset": job.data.name, "first_stage": data.candidates.provenance})
+    source = ds.meta.get("source", job.data.name)
+    uri = source if "://" in source else ("https://ir-datasets.com/" + source.split("/")[0] + ".html"
+                                           if not source.startswith("/") else Path(source).as_uri())
+    run.log_dataset(job.data.name, uri, hashlib.sha256(ds.fingerprint.encode()).hexdigest()[:12])
+
+
+def log_result(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
+    """Metrics, head artifacts, TREC runs and per-query tables of one finished job."""
+    import pandas as pd
+    import torch
+
+    if res.selection.reselected:
+        run.set_tags({"heads_reselected": "true"})
+    run.set_tags({"model_source": res.model_loaded, "model_sha256": res.model.sha256 or "n/a"})
+    log_heads(run, job, res, out_dir)
+    fs, rr = res.data.evaluation, res.evaluation
+    metrics: dict[str, float] = {}
+    for stage, evaluation in (("first_stage", fs), ("rerank", rr)):
+        metrics.update({metric_key(stage, m): evaluation.means[str(m)] for m in job.measures})
+    stats, lat = res.reranking.stats, np.array(res.reranking.latencies)
+    if lat.size:
+        metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
+                        "latency_p95_s": float(np.percentile(lat, 95))})
+    if stats:
+        metrics.update({"prompt_tokens_mean": float(np.mean([s.prompt_tokens for s in stats])),
+                        "readout_cache_hits": float(sum(s.cached for s in stats)),
+                        "forward_passes_mean": float(np.mean([len(s.pass_tokens) for s in stats])),
+                        "queries": float(len(res.data.qids)), "dropped_candidates": float(sum(s.dropped_docs for s in stats)),
+                        "span_mismatches": float(sum(s.span_mismatches for s in stats)), "kept_layers": float(res.kept_layers),
+                        "peak_memory_mb": float(res.peak_memory_mb),  # this job's model + re-ranking, above its start
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        if torch.cuda.is_available():
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    bias = length_bias(res)
+    if bias:
+        gal = [g for g, _ in bias.values()]
+        biased = [g for g, ratio in bias.values() if ratio <= LENGTH_BIASED_RATIO]
+        metrics.update({"length_bias.gal": float(np.mean(gal)), "length_bias.queries": float(len(gal)),
+                        "length_bias.queries_biased": float(len(biased))})
+        if biased:
+            metrics["length_bias.gal_biased"] = float(np.mean(biased))
+    metrics.update({"wall_time_s": float(res.wall_time_s), "cpu_time_s": float(res.cpu_time_s)})
+    if res.model.parameters:
+        metrics["model_parameters"] = float(res.model.parameters)
+    run.log_metrics(metrics)
+    write_trec_run(res.reranking.run, out_dir / "rerank.trec", f"corexp-{job.heads.name}")
+    write_trec_run(res.data.candidates.top, out_dir / "first_stage.trec", res.data.candidates.provenance)
+    rows = []
+    for q in sorted(fs.per_query):
+        row = {"query_id": q}
+        for stage, evaluation in (("first_stage", fs), ("rerank", rr)):
+            row.update({metric_key(stage, m): evaluation.per_query.get(q, {}).get(str(m), 0.0) for m in job.measures})
+        gal, ratio = bias.get(q, (float("nan"), float("nan")))
+        rows.append({**row, "length_bias.gal": gal, "length_bias.ratio": ratio})
+    pd.DataFrame(rows).to_csv(out_dir / "per_query.csv", index=False)
+    pd.DataFrame(res.reranking.rows).to_csv(out_dir / "scores.csv", index=False)
+    run.log_artifacts([out_dir / f for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv")])
+
+
+def length_bias(res: JobResult) -> dict[str, tuple[float, float]]:
+    """Per query: (gold above the longest non-relevant candidate, length ratio) — CoRe's length-bias test."""
+    words: dict[str, dict[str, int]] = {}
+    for r in res.reranking.rows:
+        words.setdefault(r["query_id"], {})[r["doc_id"]] = int(r["words"])
+    out = {}
+    for qid, ranking in res.reranking.run.items():
+        got = gold_above_longest(ranking, res.data.ds.qrels.get(qid, {}), words.get(qid, {}))
+        if got is not None:
+            out[qid] = got
+    return out
+
+
+def log_heads(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
+    import pandas as pd
+
+    sel, n_layers, n_heads = res.selection, res.model.n_layers, res.model.n_heads
+    if sel.heads is None:
+        run.log_params({"selected_heads": "all"})
+        return
+    heads = sel.heads
+    run.log_params({"selected_heads": H.format_heads(heads)})
+    run.log_metrics({f"heads.{k}": v for k, v in H.layer_stats(heads, n_layers).items()})
+    if sel.window is not None:
+        run.log_params({"selected_window": f"{sel.window[0]}-{sel.window[1]}"})
+        run.log_dict({"window": list(sel.window), "scores_by_first_layer": [float(x) for x in sel.window_scores]},
+                     "selected_window.json")
+    if sel.jaccard_core_qrhead is not None:  # overlap of the two metrics' top-k on the same detection data
+        run.log_metrics({"heads.jaccard_core_vs_qrhead": sel.jaccard_core_qrhead})
+    title = f"{job.model.name} {job.heads.name} top-{len(heads)}"
+    paths = [heads_histogram(heads, n_layers, out_dir / "heads_per_layer.png", title)]
+    scores = sel.scores
+    selected = set(heads)
+    table = [{"layer": l, "head": h, "score": float(scores[l, h]), "selected": (l, h) in selected}
+             for l in range(n_layers) for h in range(n_heads)] if scores is not None else \
+        [{"layer": l, "head": h, "score": None, "selected": True} for l, h in heads]
+    pd.DataFrame(table).to_csv(out_dir / "head_scores.csv", index=False)
+    paths.append(out_dir / "head_scores.csv")
+    if scores is not None:
+        paths.append(score_heatmap(scores, heads, out_dir / "head_scores.png", title))
+        detail = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
+        run.log_dict({"metric": sel.metric, "tau": sel.tau, "instances": sel.instances, "heads": detail}, "selected_heads.json")
+    run.log_artifacts(paths)

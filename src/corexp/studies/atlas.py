@@ -1,0 +1,341 @@
+"""The head atlas: for one model and data set, how well every single head, every layer and every window of consecutive
+layers re-ranks — and where the detected CoRe and QRHead heads sit among them.
+
+    python -m corexp.studies.atlas model=qwen25coder15 data=dl19 data.local_dir=<dl19> detection=scifact_train \\
+        detection.local_dir=<scifact> [--widths 1 2 3 4] [--k 8] [--experiment atlas]
+    python -m corexp.studies.atlas --report --experiment atlas --out docs/atlas.md
+
+Everything comes from the read-out cache (`readout_cache`): one table per prompt holds every head's token scores for the
+real and the N/A query, so any head set is scored as a job scores it (c_j summed over the set, then the mean-2σ mask,
+METHOD.md §3) without a forward; a prompt without a table is read out once. Each atlas is one MLflow run (CSV tables,
+a layer × head heatmap with the detected heads marked, a per-layer curve). The "oracle top-k" — the k best single heads
+on the evaluation queries themselves — is an upper bound, labelled so and never a method: it is chosen on the queries
+it is scored on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from corexp.components.heads import Head, HeadSelection
+from corexp.config import compose_config
+from corexp.data.evaluation import evaluate
+from corexp.engine.scoring import document_scores, rank, trec_scores
+from corexp.errors import CorexpError
+from corexp.files import stable_key
+from corexp.job import Job
+from corexp.locations import project_root
+from corexp.pipeline.run import build_reranker, load_eval_data, select_heads
+from corexp.tracking.identity import Identity
+from corexp.tracking.tracker import RunRequest, Store
+
+MEASURE = "nDCG@10"
+
+
+@dataclass
+class QueryTables:
+    """One query's read-out, in candidate order: every head's calibrated token scores over the documents' tokens."""
+
+    doc_ids: list[str]
+    spans: list[tuple[int, int]]  # token span of each candidate (candidate order; dropped candidates: (0, 0))
+    rows: np.ndarray  # (heads, tokens) calibrated token scores, rows in `labels` order
+    labels: list[Head]
+
+
+@dataclass
+class Atlas:
+    model: str
+    dataset: str
+    n_layers: int
+    n_heads: int
+    queries: int
+    heads: pd.DataFrame  # layer, head, nDCG@10, rank
+    layers: pd.DataFrame  # layer, nDCG@10
+    windows: pd.DataFrame  # width, start, end, nDCG@10
+    sets: pd.DataFrame  # head set, heads, nDCG@10, note
+    detected: dict[str, list[Head]] = field(default_factory=dict)
+
+
+def query_tables(job: Job) -> tuple[list[str], dict[str, QueryTables], Any]:
+    """The evaluation queries and each one's head table (read from the cache, or read out once)."""
+    data = load_eval_data(job)
+    rr, _ = build_reranker(job, eval_qids=data.qids)
+    out = {}
+    for qid in data.qids:
+        cand = data.candidates.top[qid]
+        docs = data.ds.docs.get_many(cand.ids)
+        table, enc, order = rr.head_table(data.ds.queries[qid], [docs[d] for d in cand.ids], qid)
+        spans = [(0, 0)] * len(cand)
+        for pos, idx in enumerate(order):
+            spans[idx] = enc.doc_spans[pos]
+        out[qid] = QueryTables(cand.ids, spans, table.calibrated.numpy(), table.labels)
+    return data.qids, out, data
+
+
+def set_scores(qt: QueryTables, rows: list[int]) -> list[float]:
+    """Document scores of a head set: its heads' token scores summed, then the mean-2σ mask and sum per document."""
+    import torch
+
+    return document_scores(torch.from_numpy(qt.rows[rows].sum(axis=0)), qt.spans)
+
+
+def evaluate_set(tables: dict[str, QueryTables], rows_of: dict[str, list[int]], qrels: dict, measures: list[Any]) -> float:
+    """Mean nDCG@10 of one head set (rows per query: the table rows of its heads) over the queries, ranked as a job ranks."""
+    run = {}
+    for qid, qt in tables.items():
+        run[qid] = trec_scores(rank(qt.doc_ids, set_scores(qt, rows_of[qid])))
+    return evaluate(qrels, run, measures).means[str(measures[0])]
+
+
+def compute(job: Job, widths: tuple[int, ...] = (1, 2, 3, 4), k: int = 8, selections: dict[str, HeadSelection] | None = None) -> Atlas:
+    """Every head, layer and window of `widths` layers, the detected sets, ICR and the oracle top-k, on the job's data."""
+    from corexp.data.evaluation import parse_measures
+
+    qids, tables, data = query_tables(job)
+    measures = parse_measures([MEASURE])
+    labels = next(iter(tables.values())).labels
+    index = {h: i for i, h in enumerate(labels)}
+    n_layers, n_heads = max(lh[0] for lh in labels) + 1, max(lh[1] for lh in labels) + 1
+
+    def rows(heads: list[Head]) -> dict[str, list[int]]:
+        return {q: [index[h] for h in heads] for q in tables}
+
+    qrels = data.ds.qrels
+    head_rows = [{"layer": l, "head": h, MEASURE: evaluate_set(tables, rows([(l, h)]), qrels, measures)} for l, h in labels]
+    heads = pd.DataFrame(head_rows)
+    heads["rank"] = heads[MEASURE].rank(ascending=False, method="min").astype(int)
+    layer_heads = {layer: [(layer, h) for h in range(n_heads)] for layer in range(n_layers)}
+    layers = pd.DataFrame([{"layer": layer, MEASURE: evaluate_set(tables, rows(hs), qrels, measures)} for layer, hs in layer_heads.items()])
+    windows = []
+    for w in widths:
+        for start in range(n_layers - w + 1):
+            hs = [h for layer in range(start, start + w) for h in layer_heads[layer]]
+            windows.append({"width": w, "start": start, "end": start + w, MEASURE: evaluate_set(tables, rows(hs), qrels, measures)})
+    windows = pd.DataFrame(windows)
+    sets = [{"head set": "ICR (all heads)", "heads": "all", MEASURE: evaluate_set(tables, rows(labels), qrels, measures),
+             "note": "every head"}]
+    detected = {}
+    for name, sel in (selections or {}).items():
+        if sel.heads is None:
+            continue
+        detected[name] = list(sel.heads)
+        note = f"window [{sel.window[0]}, {sel.window[1]}) chosen on the detection set" if sel.window else "detected on the detection set"
+        sets.append({"head set": name, "heads": ",".join(f"{l}-{h}" for l, h in sel.heads),
+                     MEASURE: evaluate_set(tables, rows(list(sel.heads)), qrels, measures), "note": note})
+    best = heads.sort_values([MEASURE, "layer", "head"], ascending=[False, True, True]).head(k)
+    oracle = [(int(r.layer), int(r.head)) for r in best.itertuples()]
+    sets.append({"head set": f"oracle top-{k} (upper bound)", "heads": ",".join(f"{l}-{h}" for l, h in oracle),
+                 MEASURE: evaluate_set(tables, rows(oracle), qrels, measures),
+                 "note": "the k best single heads ON THE EVALUATION QUERIES: an upper bound, not a method"})
+    return Atlas(job.model.name, job.data.name, n_layers, n_heads, len(qids), heads, layers, windows, pd.DataFrame(sets), detected)
+
+
+# -- figures --------------------------------------------------------------------------------------------------------
+def heatmap(atlas: Atlas, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.full((atlas.n_layers, atlas.n_heads), np.nan)
+    for _, r in atlas.heads.iterrows():
+        grid[int(r["layer"]), int(r["head"])] = 100 * r[MEASURE]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * atlas.n_heads + 2.5), max(4, 0.22 * atlas.n_layers + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    fig.colorbar(im, ax=ax, label=f"{MEASURE} × 100 of the single head")
+    for name, style in (("CoRe-k8", {"marker": "o", "s": 70, "facecolors": "none", "edgecolors": "red"}),
+                        ("QRHead-k8", {"marker": "x", "s": 45, "c": "white"})):
+        hs = atlas.detected.get(name, [])
+        if hs:
+            ax.scatter([h for _, h in hs], [l for l, _ in hs], linewidths=1.8, label=name, **style)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{atlas.model} on {atlas.dataset}: every head alone ({atlas.queries} queries)", fontsize=9)
+    if atlas.detected:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def layer_curve(atlas: Atlas, path: Path, first_stage: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.plot(atlas.layers["layer"], 100 * atlas.layers[MEASURE], "o-", label="one layer (all its heads)")
+    for w, g in atlas.windows[atlas.windows["width"] > 1].groupby("width"):
+        ax.plot(g["start"] + (w - 1) / 2, 100 * g[MEASURE], "-", alpha=0.8, label=f"window of {w} layers (at its centre)")
+    icr = atlas.sets.loc[atlas.sets["head set"].str.startswith("ICR"), MEASURE]
+    if len(icr):
+        ax.axhline(100 * float(icr.iloc[0]), color="black", lw=1, ls="--", label="ICR (all layers)")
+    if first_stage is not None:
+        ax.axhline(100 * first_stage, color="gray", lw=1, ls=":", label="first stage (BM25)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{MEASURE} × 100")
+    ax.set_title(f"{atlas.model} on {atlas.dataset}: layers and windows of layers", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+# -- running and logging ----------------------------------------------------------------------------------------------
+def jobs(overrides: list[str]) -> tuple[Job, dict[str, Job]]:
+    """The atlas job (every head, read-out cache on) and the jobs whose head selections it marks."""
+    base = Job.from_config(compose_config([*overrides, "heads=all", "readout_cache=true"]))
+    marked = {"CoRe-k8": ["heads=core", "heads.k=8"], "QRHead-k8": ["heads=qrhead", "heads.k=8"],
+              "window-w4": ["heads=window", "heads.width=4"]}
+    return base, {name: Job.from_config(compose_config([*overrides, *extra, "readout_cache=true"])) for name, extra in marked.items()}
+
+
+def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str) -> str:
+    """Compute one atlas and log it as an MLflow run (skipped when the same atlas of the same code is there)."""
+    base, marked = jobs(overrides)
+    info = base.model.info(base.cache)
+    selections = {name: select_heads(job, [], info)[0] for name, job in marked.items()}
+    job = replace(base, tracking=replace(base.tracking, experiment=experiment))
+    ident = job.identity()
+    key = stable_key(ident.config_hash, "atlas", list(widths), k)
+    identity = Identity(key, ident.code_digest, stable_key(ident.setup_hash, "atlas", list(widths), k), ident.data_fingerprint)
+    tags = {"study": "atlas", "model": job.model.name, "dataset": job.data.name, "widths": ",".join(map(str, widths)),
+            "k": str(k), "overrides": " ".join(overrides)}
+    request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, job.params(), job.config_text)
+    tracker = job.tracking.open()
+    claim = tracker.claim(request, force=job.options.force)
+    if claim.finished is not None:
+        print(f"corexp.atlas: skipped — the same atlas and code already FINISHED: {claim.finished.name}")
+        return claim.finished.run_id
+    out = Path(project_root()) / "outputs" / "atlas" / f"{job.model.name}-{job.data.name}-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    with claim.run.running() as active:
+        atlas = compute(job, widths, k, selections)
+        atlas.heads.to_csv(out / "heads.csv", index=False)
+        atlas.layers.to_csv(out / "layers.csv", index=False)
+        atlas.windows.to_csv(out / "windows.csv", index=False)
+        atlas.sets.to_csv(out / "sets.csv", index=False)
+        meta = {"model": atlas.model, "dataset": atlas.dataset, "layers": atlas.n_layers, "heads": atlas.n_heads,
+                "queries": atlas.queries, "detected": {n: [list(h) for h in hs] for n, hs in atlas.detected.items()},
+                "window_chosen": {n: list(s.window) for n, s in selections.items() if s.window}}
+        (out / "atlas.json").write_text(json.dumps(meta, indent=1))
+        figures = [heatmap(atlas, out / "heatmap.png"), layer_curve(atlas, out / "layers.png")]
+        active.log_artifacts([out / f for f in ("heads.csv", "layers.csv", "windows.csv", "sets.csv", "atlas.json")] + figures)
+        best = atlas.heads[MEASURE].max()
+        active.log_metrics({"queries": float(atlas.queries), "best_head.nDCG_at_10": float(best),
+                            "icr.nDCG_at_10": float(atlas.sets.iloc[0][MEASURE])})
+    print(atlas.sets.to_string(index=False))
+    return active.run_id
+
+
+# -- the report (docs/atlas.md) ---------------------------------------------------------------------------------------
+MODEL_ORDER = ("smollm2", "gemma3", "qwen25coder", "qwen25coder15")
+
+
+def report(uri: str, experiment: str, out: Path) -> str:
+    """docs/atlas.md from the newest atlas run per model (the current code's where there is one)."""
+    import shutil
+
+    from corexp.tracking.identity import code_digest
+
+    store = Store(uri)
+    runs = [r for r in store.finished_runs([experiment]) if r.tags.get("study") == "atlas"]
+    if not runs:
+        raise CorexpError(f"no FINISHED atlas run in experiment {experiment} of {uri}")
+    current = code_digest()
+    chosen: dict[tuple[str, str], Any] = {}
+    for r in sorted(runs, key=lambda r: (r.code_digest == current, r.start_ms)):
+        chosen[(r.tags["model"], r.tags["dataset"])] = r
+    folder = out.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    md = [f"# Head atlas ({experiment})\n",
+          "For each model on each data set: the nDCG@10 of every single head used alone, of every layer (all its heads), "
+          "and of every window of consecutive layers, all scored from the read-out cache exactly as a job scores a head "
+          "set (calibrated token scores summed over the set, mean − 2σ mask, METHOD.md §3). The detected sets (CoRe-k8, "
+          "QRHead-k8 on 40 SciFact train queries, fold 0) and the window chosen on the same detection set (heads=window, "
+          "w=4) are marked; each detected head's rank among all heads is listed. **The oracle top-k is an upper bound, "
+          "not a method**: it takes the k best single heads on the evaluation queries themselves. Generated by "
+          "`python -m corexp.studies.atlas --report` from the runs of `scripts/scaling_study.py --phases atlas`.\n"]
+    key_order = sorted(chosen, key=lambda mk: (MODEL_ORDER.index(mk[0]) if mk[0] in MODEL_ORDER else 99, mk))
+    for model, dataset in key_order:
+        r = chosen[(model, dataset)]
+        meta = json.loads(store.artifact(r.run_id, "atlas.json").read_text())
+        heads = pd.read_csv(store.artifact(r.run_id, "heads.csv"))
+        windows = pd.read_csv(store.artifact(r.run_id, "windows.csv"))
+        layers = pd.read_csv(store.artifact(r.run_id, "layers.csv"))
+        sets = pd.read_csv(store.artifact(r.run_id, "sets.csv"))
+        for name in ("heatmap.png", "layers.png"):
+            shutil.copy(store.artifact(r.run_id, name), folder / f"{model}_{dataset}_{name}")
+        code = "" if r.code_digest == current else f" (code {r.code_digest}, not the current {current})"
+        n_heads_total = len(heads)
+        md += [f"\n## {model} on {dataset} ({meta['layers']} layers × {meta['heads']} heads, {meta['queries']} queries){code}\n",
+               f"![{model} heads]({folder.name}/{model}_{dataset}_heatmap.png)\n",
+               f"![{model} layers]({folder.name}/{model}_{dataset}_layers.png)\n"]
+        tab = sets.copy()
+        tab[f"{MEASURE} × 100"] = (100 * tab[MEASURE]).map(lambda v: f"{v:.1f}")
+        md += ["Head sets:\n", tab[["head set", f"{MEASURE} × 100", "note"]].to_markdown(index=False), ""]
+        rank_rows = []
+        for name, hs in meta["detected"].items():
+            if name.startswith("window"):
+                continue
+            ranks = [int(heads[(heads.layer == l) & (heads.head == h)]["rank"].iloc[0]) for l, h in hs]
+            rank_rows.append({"detected set": name, "heads (rank among all heads)": ", ".join(
+                f"{l}-{h} ({rk})" for (l, h), rk in zip(hs, ranks)), "median rank": int(np.median(ranks)),
+                f"in the best {max(1, n_heads_total // 10)} (top 10 %)": sum(rk <= max(1, n_heads_total // 10) for rk in ranks)})
+        if rank_rows:
+            md += [f"Where the detected heads rank among all {n_heads_total} single heads (1 = best on these queries):\n",
+                   pd.DataFrame(rank_rows).to_markdown(index=False), ""]
+        best_layer = layers.sort_values(MEASURE, ascending=False).iloc[0]
+        wrows = []
+        for w, g in windows.groupby("width"):
+            b = g.sort_values([MEASURE, "start"], ascending=[False, True]).iloc[0]
+            wrows.append({"width": int(w), "best window (on these queries)": f"[{int(b.start)}, {int(b.end)})",
+                          f"{MEASURE} × 100": f"{100 * b[MEASURE]:.1f}", "worst": f"{100 * g[MEASURE].min():.1f}"})
+        chosen_w = meta.get("window_chosen", {})
+        md += [f"Best single head: {heads.sort_values(MEASURE, ascending=False).iloc[0][['layer', 'head']].astype(int).tolist()} "
+               f"({100 * heads[MEASURE].max():.1f}); best layer: {int(best_layer.layer)} ({100 * best_layer[MEASURE]:.1f}). "
+               "Windows (the best of each width is chosen on the evaluation queries, so it is an upper bound too; the "
+               f"detection set chose {', '.join(f'{n}: [{a}, {b})' for n, (a, b) in chosen_w.items()) or 'none'}):\n",
+               pd.DataFrame(wrows).to_markdown(index=False), ""]
+    text = "\n".join(md) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m corexp.studies.atlas", description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="corexp overrides of the job (model=..., data=..., detection=...)")
+    ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 4], help="window widths in layers")
+    ap.add_argument("--k", type=int, default=8, help="heads of the oracle top-k (an upper bound)")
+    ap.add_argument("--experiment", default="atlas")
+    ap.add_argument("--report", action="store_true", help="write the Markdown report of the experiment's atlas runs")
+    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
+    ap.add_argument("--out", default=str(project_root() / "docs" / "atlas.md"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        if args.report:
+            print(report(args.tracking_uri, args.experiment, Path(args.out)))
+        else:
+            run(args.overrides, tuple(args.widths), args.k, args.experiment)
+    except CorexpError as err:
+        print(f"corexp.atlas: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
