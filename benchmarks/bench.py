@@ -49,8 +49,8 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
         tok = AutoTokenizer.from_pretrained(tokenizer)
         return LoadedModel(m, tok, "random", full, kept, cfg.num_attention_heads, cfg.num_key_value_heads,
                            cfg.max_position_embeddings, torch.device(device), DTYPES[dtype], None, "random")
-    cfg = compose([f"model={model}", f"model.dtype={dtype}", f"model.device={device}"])
-    return load_model(cfg.model, Path(cfg.paths.cache_dir), keep_layers=keep)
+    job = compose([f"model={model}", f"model.dtype={dtype}", f"model.device={device}"])
+    return load_model(job.model, job.cache, keep_layers=keep)
 
 
 def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
@@ -59,17 +59,17 @@ def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
 
     from helpers_bench import compose, sample_dir
 
-    cfg = compose([f"prompt.max_words={max_words}"])
+    job = compose([f"prompt.max_words={max_words}"])
     ds = load_local(sample_dir(), "test", "sample")
-    docs = [prepare_text(d.title, d.text, "text", max_words) for d in ds.docs.iter_docs()]
+    docs = [prepare_text(d.title, d.text, job.prompt.doc_field, max_words, job.prompt.words) for d in ds.docs.iter_docs()]
     query = next(iter(ds.queries.values()))
     chatml = lm.tokenizer is not None and "im_start" in str(lm.tokenizer.special_tokens_map)
     template = resolve_template("chatml" if chatml else "plain", lm.tokenizer)
     k = n_docs or 5
     while True:
-        enc = encode(lm.tokenizer, docs[:k], query, cfg.prompt, template, cfg.prompt.instruction)
+        enc = encode(lm.tokenizer, docs[:k], query, job.prompt, template, job.prompt.instruction)
         if n_docs or enc.length >= n_tokens:
-            return cfg.prompt, template, docs[:k], query, enc
+            return job.prompt, template, docs[:k], query, enc
         k += 2
 
 
@@ -164,7 +164,7 @@ def interleaved(spec: dict) -> dict:
     from corexp.engine.reranker import AttentionReranker
 
     lm, full, enc, query, documents = _workload(spec)
-    two = AttentionReranker(lm, full.cfg, None, template="plain", one_pass=False)
+    two = AttentionReranker(lm, full.spec, None, template="plain", one_pass=False)
     two.prompt.template = full.template
     ids = enc.input_ids.to(lm.device)
     cuts = {keep: _workload(spec, keep)[1] for keep in spec["keeps"]}
@@ -208,13 +208,13 @@ def agreement_scores(spec: dict) -> dict:
     from helpers_bench import compose, sample_dir
 
     lm = _load(spec["model"], None, spec["dtype"], spec["device"], None)
-    cfg = compose([f"model={spec['model']}"])
+    job = compose([f"model={spec['model']}"])
     folder = spec.get("data")
     ds = load_local(folder or sample_dir(), "test", Path(folder).name if folder else "sample",
                     run_file=str(Path(folder) / "run.bm25.trec") if folder else None)
     qids = select_queries(ds, spec["queries"], None)
     run = candidates(ds.run, 20, False)
-    rr = AttentionReranker(lm, cfg.prompt, None, cfg.model.template, cfg.prompt.instruction)
+    rr = AttentionReranker(lm, job.prompt, None, job.model.template, job.prompt.instruction)
     out, t0 = {}, time.perf_counter()
     for q in qids:
         ids = [d for d, _ in run[q]]

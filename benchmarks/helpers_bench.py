@@ -1,12 +1,10 @@
-from hydra import compose as _compose
-from hydra import initialize_config_dir
-
-from corexp.config import RESOURCES_DIR, config_dir
+from corexp.config import RESOURCES_DIR, compose_config
+from corexp.job import Job
 
 
 def compose(overrides):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return _compose("config", overrides=list(overrides))
+    """The Job of `python -m corexp <overrides>` (built at the door: typed components)."""
+    return Job.from_config(compose_config(list(overrides)))
 
 
 def sample_dir():

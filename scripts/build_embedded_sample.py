@@ -15,9 +15,7 @@ import random
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from corexp.components.first_stage import bm25_run
+from corexp.components.first_stage import BM25Params, bm25_run
 from corexp.data.datasets import load_local, read_beir_qrels, read_trec_run, write_trec_run
 
 N_TEST, TEST_DEPTH, N_TRAIN, TRAIN_DEPTH, SEED = 50, 20, 100, 25, 0
@@ -46,8 +44,7 @@ def main(src: str, out: str = "src/corexp/resources/scifact_sample") -> None:
     anserini = read_trec_run(src_dir / "run.bm25.trec")
     run = {q: anserini[q][:TEST_DEPTH] for q in test_ids}
     train_ds = load_local(src_dir, "train", "scifact-train") if (src_dir / "qrels" / "train.tsv").is_file() else None
-    cfg = OmegaConf.create(dict(k1=0.9, b=0.4, method="lucene", stemmer="english", stopwords="en"))
-    bm25 = bm25_run(train_ds, train_ids, cfg, hits=TRAIN_DEPTH, show_progress=False)
+    bm25 = bm25_run(train_ds, train_ids, BM25Params(), hits=TRAIN_DEPTH, show_progress=False)
     run.update(bm25)
     used = {d for ranked in run.values() for d, _ in ranked}
     used |= {d for q in test_ids for d in test.qrels[q]} | {d for q in train_ids for d in train_qrels[q]}

@@ -23,8 +23,8 @@ from corexp.pipeline.run import detection
 def table(model: str, overrides: list[str]):
     job = Job.from_config(compose_config([f"model={model}", "data=dl19", "progress=true", *overrides]))
     t0 = time.perf_counter()
-    t = detection(job, [], model_info(job.cfg.model, job.cfg.paths.cache_dir))
-    return t.masses, t.pos_index, time.perf_counter() - t0, job.model_tau
+    t = detection(job, [], model_info(job.model, job.cache))
+    return t.masses, t.pos_index, time.perf_counter() - t0, job.model.tau
 
 
 def main() -> None:

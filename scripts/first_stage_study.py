@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from corexp.components import dense
-from corexp.config import build, compose_config
+from corexp.config import compose_config
 from corexp.data.datasets import load_local, select_queries
 from corexp.data.evaluation import evaluate, parse_measures
+from corexp.job import Job
 
 STAGES = {"bm25s": ["first_stage=bm25"], "dataset-run": ["first_stage=auto"], "dense": ["first_stage=dense"],
           "hybrid": ["first_stage=hybrid"]}
@@ -38,8 +39,8 @@ def main() -> None:
     ds = load_local(a.local_dir, a.split, a.name)
     qids = select_queries(ds, None)
     measures = parse_measures(a.measures.split(","))
-    base = compose_config(["first_stage=dense", f"first_stage/encoder={a.encoder}"])
-    cache = Path(base.paths.cache_dir)
+    base = Job.from_config(compose_config(["first_stage=dense", f"first_stage/encoder={a.encoder}"]))
+    cache = base.cache
     if a.cold_embeddings:
         enc = dense.load_encoder(base.first_stage.encoder, cache)
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +52,7 @@ def main() -> None:
               flush=True)
     for name, overrides in STAGES.items():
         encoder = [f"first_stage/encoder={a.encoder}"] if name in ("dense", "hybrid") else []
-        stage = build(compose_config([*overrides, *encoder]).first_stage, "first_stage").component
+        stage = Job.from_config(compose_config([*overrides, *encoder])).first_stage
         t0 = time.perf_counter()
         run, label = stage.retrieve(ds, qids, cache, True)
         secs = time.perf_counter() - t0

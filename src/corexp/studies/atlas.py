@@ -291,7 +291,7 @@ def report(uri: str, experiment: str, out: Path) -> str:
         for name, hs in meta["detected"].items():
             if name.startswith("window"):
                 continue
-            ranks = [int(heads[(heads.layer == l) & (heads.head == h)]["rank"].iloc[0]) for l, h in hs]
+            ranks = [int(heads[(heads["layer"] == l) & (heads["head"] == h)]["rank"].iloc[0]) for l, h in hs]
             rank_rows.append({"detected set": name, "heads (rank among all heads)": ", ".join(
                 f"{l}-{h} ({rk})" for (l, h), rk in zip(hs, ranks)), "median rank": int(np.median(ranks)),
                 f"in the best {max(1, n_heads_total // 10)} (top 10 %)": sum(rk <= max(1, n_heads_total // 10) for rk in ranks)})
