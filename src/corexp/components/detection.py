@@ -50,10 +50,10 @@ class Detection(Source):
         return detection_table(self, prompt, first_stage, eval_query_ids, cache_dir, model_key, reranker, progress)
 
 
-def build_instances(ds: IRDataset, run: TrecRun, cfg: Detection) -> list[dict[str, Any]]:
+def build_instances(ds: IRDataset, run: TrecRun, det: Detection) -> list[dict[str, Any]]:
     """(query, positive, M hard negatives) with the positive placed at P positions; never a judged-relevant negative."""
-    rng = random.Random(cfg.seed)
-    m = int(cfg.num_negatives)
+    rng = random.Random(det.seed)
+    m = int(det.num_negatives)
     eligible = []
     for qid in sorted(ds.queries):
         rels = ds.qrels.get(qid, {})
@@ -64,19 +64,19 @@ def build_instances(ds: IRDataset, run: TrecRun, cfg: Detection) -> list[dict[st
     if not eligible:
         raise CorexpError(f"no detection query of {ds.name} has a judged positive and {m} unjudged candidates; "
                           "lower detection.num_negatives")
-    fold = cfg.fold
+    fold = det.fold
     if fold is None:
-        chosen = rng.sample(eligible, min(int(cfg.num_queries), len(eligible)))
+        chosen = rng.sample(eligible, min(int(det.num_queries), len(eligible)))
     else:  # disjoint sets: block `fold` of the eligible queries in the seeded order of fold_pool()
-        n = int(cfg.num_queries)
-        order = {q: i for i, q in enumerate(fold_order(ds, cfg))}
+        n = int(det.num_queries)
+        order = {q: i for i, q in enumerate(fold_order(ds, det))}
         eligible.sort(key=lambda x: order[x[0]])
         chosen = eligible[int(fold) * n:(int(fold) + 1) * n]
         if len(chosen) < n:
             raise CorexpError(f"detection.fold={fold}: {ds.name} has {len(eligible)} eligible detection queries, "
                               f"too few for fold {fold} of {n}; lower detection.fold or detection.num_queries")
     chosen.sort(key=lambda x: x[0])
-    p = int(cfg.positions)
+    p = int(det.positions)
     instances = []
     for qid, positives, negatives in chosen:
         pos_doc = rng.choice(positives)
@@ -87,10 +87,10 @@ def build_instances(ds: IRDataset, run: TrecRun, cfg: Detection) -> list[dict[st
     return instances
 
 
-def fold_order(ds: IRDataset, cfg: Detection) -> list[str]:
+def fold_order(ds: IRDataset, det: Detection) -> list[str]:
     """The judged queries in one seeded order; detection.fold=i takes the i-th block of eligible queries in it."""
     judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
-    random.Random(f"fold-order:{cfg.seed}").shuffle(judged)
+    random.Random(f"fold-order:{det.seed}").shuffle(judged)
     return judged
 
 
@@ -110,32 +110,32 @@ def instances_digest(prompt: PromptBuilder, ds: IRDataset, instances: list[dict[
     return h.hexdigest()
 
 
-def detection_table(det_cfg: Detection, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
+def detection_table(det: Detection, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
                     model_key: str, reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
     """Masses (instances, layers, heads, docs) and positive indices (METHOD.md §4), computed once per model and instance
     content. `prompt` (a PromptBuilder: tokenizer only) keys the cache; `reranker()` loads the model only on a miss."""
-    ds = det_cfg.load()
+    ds = det.load()
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
     if overlap:
         raise CorexpError(
             f"detection queries overlap the evaluation queries ({len(overlap)}, e.g. '{overlap[0]}'); "
             "use a different detection split (detection.split / detection.irds_id)"
         )
-    if det_cfg.fold is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
+    if det.fold is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
         judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
-        pool = sorted(random.Random(det_cfg.seed).sample(judged, min(len(judged), 3 * int(det_cfg.num_queries))))
+        pool = sorted(random.Random(det.seed).sample(judged, min(len(judged), 3 * int(det.num_queries))))
     else:  # the first queries of one seeded order, enough for folds 0..fold: the folds never share a query
-        pool = sorted(fold_order(ds, det_cfg)[:3 * int(det_cfg.num_queries) * (int(det_cfg.fold) + 1)])
+        pool = sorted(fold_order(ds, det)[:3 * int(det.num_queries) * (int(det.fold) + 1)])
     run, _ = first_stage.retrieve(ds, pool, cache_dir, progress=False)
-    instances = build_instances(ds, run, det_cfg)
+    instances = build_instances(ds, run, det)
     key = stable_key(CODE_VERSION, model_key, instances_digest(prompt, ds, instances))
-    path = Path(cache_dir) / "detection" / f"{det_cfg.name}-{key}.npz"
+    path = Path(cache_dir) / "detection" / f"{det.name}-{key}.npz"
 
     def compute() -> None:
-        log.info("head detection: %d instances (%d documents each) -> %s", len(instances), int(det_cfg.num_negatives) + 1, path)
+        log.info("head detection: %d instances (%d documents each) -> %s", len(instances), int(det.num_negatives) + 1, path)
         rr = reranker()
         lm = rr.lm
-        masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det_cfg.num_negatives) + 1), dtype=np.float32)
+        masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det.num_negatives) + 1), dtype=np.float32)
         for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
             docs = ds.docs.get_many(inst["docs"])
             labels, m = rr.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])

