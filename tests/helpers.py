@@ -13,7 +13,7 @@ def compose_cfg(overrides=(), return_hydra_config=False):
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, *extra: str, command: str = "server", log_file=None):
+def mlflow_server(backend_uri: str, *extra: str, command: str = "server", log_file=None, env=None):
     """A real `mlflow server` (or `mlflow ui`) on a free loopback port; yields its base URL once /health answers.
     The server's own output goes to `log_file` (shown if it never becomes healthy)."""
     import tempfile
@@ -23,7 +23,8 @@ def mlflow_server(backend_uri: str, *extra: str, command: str = "server", log_fi
         port = s.getsockname()[1]
     log = open(log_file, "w+") if log_file else tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri", backend_uri, "--host",
-                             "127.0.0.1", "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
+                             "127.0.0.1", "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240

@@ -24,10 +24,33 @@ def tiny_args(tiny, tmp):
             "prompt.max_words=20", "data.max_queries=2", "first_stage.depth=3", f"paths.cache_dir={tmp}/cache"]
 
 
-def cli(*args, timeout=900):
+def cli(*args, timeout=900, env=None):
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "corexp", *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "corexp", *args], capture_output=True, text=True, timeout=timeout, env=env)
     return proc, time.perf_counter() - t0
+
+
+def test_the_cluster_recipes_authenticated_server(tmp_path, tiny):
+    """The README's tracking server with MLflow's basic authentication: a job with credentials logs its run; without
+    them it stops in one line that names the fix."""
+    secret = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-Admin-pw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
+    with mlflow_server(f"sqlite:///{tmp_path}/m.db", "--artifacts-destination", str(tmp_path / "art"), "--app-name", "basic-auth",
+                       env=secret, log_file=tmp_path / "server.log") as url:
+        args = [*tiny_args(tiny, tmp_path), "heads=all", "tracking=server", f"tracking.uri={url}", f"hydra.run.dir={tmp_path}/o"]
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        refused, _ = cli(*args, env=bare)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert "refused a job without credentials" in refused.stderr and "MLFLOW_TRACKING_USERNAME" in refused.stderr
+        ok, _ = cli(*args, env={**bare, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret-Admin-pw"})
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="s3cret-Admin-pw")
+        try:
+            mlflow.set_tracking_uri(url)
+            (run,) = mlflow.search_runs(experiment_names=["corexp"], output_format="list")
+            assert run.info.status == "FINISHED" and "rerank.nDCG_at_10" in run.data.metrics
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME")
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD")
 
 
 def test_submitit_local_sweep_parent_children_resume_and_failure(tmp_path, tiny):

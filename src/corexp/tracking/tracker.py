@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -179,6 +180,13 @@ class Tracker:
                         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
                 exp = mlflow.set_experiment(spec.experiment)
             except Exception as err:
+                text = str(err)
+                if any(code in text for code in ("401", "403", "Unauthorized", "Forbidden", "Permission denied")):
+                    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                    raise CorexpError(f"MLflow tracking server {uri} refused "
+                                      f"{'the credentials of user ' + repr(who) if who else 'a job without credentials'} "
+                                      "(an authenticated server): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                                      "to an account with access to the experiment") from None
                 raise CorexpError(f"MLflow tracking URI '{uri}' is unreachable ({type(err).__name__}); fix tracking.uri") from None
         return cls(spec, mlflow, exp.experiment_id)
 
