@@ -267,3 +267,20 @@ def test_below_the_door_nothing_reads_the_config():
                     if arg.arg in ("cfg", "job", "res") and ast.unparse(arg.annotation or ast.Constant("")) == "Any":
                         offenders.append(f"{name}.{node.name}({arg.arg}: Any)")
     assert offenders == []
+
+
+def test_a_run_name_shows_only_what_its_job_computes_with():
+    """In a sweep over heads=all,core,random heads.seed=0,1 the ICR and CoRe runs take no seed: their names do not show
+    one; the random draws' names do."""
+    from dataclasses import replace
+
+    from corexp.job import RunContext
+
+    def name(*overrides):
+        job = build_job(overrides)
+        swept = ("heads", "heads.seed")
+        return replace(job, context=RunContext(tuple(overrides), swept)).run_name()
+
+    assert name("heads=all", "heads.seed=0") == "smollm2 · ICR · scifact-sample"
+    assert name("heads=core", "heads.seed=0") == "smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample"
+    assert name("heads=random", "heads.seed=1") == "smollm2 · random-k8 · trunc=auto · scifact-sample · heads.seed=1"

@@ -157,3 +157,53 @@ def test_a_killed_run_of_another_config_is_failed_by_the_next_job(tmp_path, tiny
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
     (new,) = [r for r in runs(tmp_path) if r.info.status == "FINISHED"]
     assert " · bf16 · " in new.info.run_name  # not the fp32 run's name with a " #2"
+
+
+def test_editing_a_judgment_reruns_the_config_and_says_so(tmp_path, tiny):
+    """Identity holds the data's content: a new judgment in qrels/test.tsv of a local folder reruns the job with one
+    line; a copy of the folder elsewhere (another clone) is the same identity and skips."""
+    from corexp.locations import RESOURCES_DIR
+
+    data = tmp_path / "data"
+    shutil.copytree(RESOURCES_DIR / "scifact_sample", data)
+    args = job_args(tiny, tmp_path, f"data.local_dir={data}", "heads=all", f"hydra.run.dir={tmp_path}/out")
+    first = cli(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)
+    again = cli([a.replace(str(data), str(moved)) for a in args])
+    assert again.returncode == 0 and "corexp: skipped" in again.stdout, again.stderr[-2000:]
+    qid = (data / "qrels" / "test.tsv").read_text().splitlines()[1].split("\t")[0]
+    with open(data / "qrels" / "test.tsv", "a") as fh:
+        fh.write(f"{qid}\t4983\t1\n")
+    changed = cli(args)
+    said = changed.stdout + changed.stderr
+    assert changed.returncode == 0 and "rerunning: the data changed since run" in said, said[-2000:]
+    finished = [r for r in runs(tmp_path) if r.info.status == "FINISHED"]
+    assert len(finished) == 2 and len({r.data.tags["data_fingerprint"] for r in finished}) == 2
+    assert len({r.data.tags["setup_hash"] for r in finished}) == 1
+
+
+def test_sigterm_fails_the_run_with_its_reason(tmp_path, tiny):
+    """A scheduler's cancel (SIGTERM) mid-job: the run is FAILED at once, tagged with why, not left RUNNING."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "corexp", *job_args(tiny, tmp_path, "data.max_queries=40", "heads=all",
+                                                                      f"hydra.run.dir={tmp_path}/out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [r for r in runs_or_empty(tmp_path) if r.info.status == "RUNNING"]:
+        time.sleep(1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED" and run.data.tags["failure"].startswith("terminated by SIGTERM"), run.data.tags
+
+
+def runs_or_empty(tmp_path):
+    try:
+        return runs(tmp_path)
+    except Exception:
+        return []

@@ -168,7 +168,7 @@ def cli_env(tmp_path_factory):
 CASES_RUN = []
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(sorted(SPEC)), VALUES)
 def test_cli_runs_what_the_value_means_or_stops_with_one_line(cli_env, key, value):
     """The real CLI: an allowed value gives exactly that plan; any other exits non-zero with one line, no traceback,

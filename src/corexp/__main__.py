@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from corexp.errors import CorexpError, one_line
 from corexp.locations import config_dir
+from corexp.tracking.tracker import Terminated
 
 log = logging.getLogger("corexp")
 
@@ -59,6 +60,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
         from corexp.pipeline.run import run_job
 
         summary = run_job(job)
+    except Terminated as err:  # the run is FAILED with its reason already; the process stops, sweep or not
+        if cfg.get("debug"):
+            raise
+        print(f"corexp: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(143)
     except Exception as err:
         return _failed(cfg, err)
     print(summary.text(), flush=True)
