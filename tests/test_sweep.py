@@ -27,6 +27,7 @@ def test_sweep_parent_children_failure_and_resume(tmp_path):
     children = [r for r in runs if r.data.tags.get("sweep") != "parent"]
     assert len(parents) == 1 and len(children) == 2, first.stderr[-2000:]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert parents[0].info.run_name.startswith("sweep · heads=all,published") and "+" not in parents[0].info.run_name
     status = {r.data.tags["method"]: r.info.status for r in children}
     assert status == {"ICR": "FINISHED", "published-k8": "FAILED"}
     assert all("heads=" in r.data.tags["overrides"] and r.data.tags["git_commit"] for r in children)

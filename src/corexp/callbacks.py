@@ -61,7 +61,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task)
         keys = swept_keys(config)
-        swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
+        swept = [o.lstrip("+") for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~").replace("/", ".") in keys]
         params = config.hydra.get("sweeper", {}).get("params") or {}
         swept += [f"{k}={v}" for k, v in params.items() if k in keys and not any(s.startswith(f"{k}=") for s in swept)]
         run = tracker.client.create_run(
