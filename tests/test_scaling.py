@@ -25,7 +25,10 @@ class FakeStore:
             cpu=10.0, shift=0.0, metrics=None):
         run_id = f"r{len(self.rows)}"
         values = (self.first_stage + shift + self.rng.normal(0, 0.05, len(QUERIES))).clip(0, 1)
-        self.per_query[run_id] = pd.DataFrame({COL: values, "first_stage.nDCG_at_10": self.first_stage})
+        self.per_query[run_id] = pd.DataFrame({COL: values, "first_stage.nDCG_at_10": self.first_stage,
+                                               "length_bias.gal": [float(i % 2) for i in range(len(QUERIES))],
+                                               "length_bias.ratio": [0.4 + 0.1 * i for i in range(len(QUERIES))]},
+                                              index=QUERIES)
         params = {"heads.name": heads, "heads.k": str(k), "fusion.name": fusion, "prompt.doc_order.name": order,
                   "detection.fold": str(fold), "scoring.calibration": str(calibrated), **(extra or {})}
         if heads == "window":
@@ -130,6 +133,8 @@ def test_windows_and_length_bias_tables(store, monkeypatch):
     lb = scaling.length_bias_table(study)
     off = lb[(lb.method == "ICR") & (lb["N/A calibration"] == "off")].iloc[0]
     assert off["GAL, all (n)"] == "0.25 (12)" and off["GAL, length-biased (n)"] == "0.00 (4)"
+    # gold shorter: ratio < 1 for the first 6 queries (0.4 ... 0.9), GAL alternating 0, 1: mean 0.5 over 6
+    assert off["GAL, gold shorter (n)"] == "0.50 (6)"
     on = lb[(lb.method == "ICR") & (lb["N/A calibration"] == "on")].iloc[0]
     assert on["GAL, all (n)"] == ""  # that run logged no length-bias metric: shown empty, never estimated
 
@@ -149,7 +154,7 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     assert set(heads[heads.metric == "CoRe-k8"]["fold"]) == {0, 1}
     spent = scaling.cost(study)
     retriever = spent[(spent.model == "a") & (spent.order == "retriever")].iloc[0]
-    assert retriever["runs"] == 12 and retriever["CPU s, costliest run"] == 900
+    assert retriever["runs"] == 12 and retriever["CPU s, costliest run"] == 900 and retriever["costliest method"] == "ICR"
     assert retriever["CPU s, all runs"] == 900 + 11 * 10 and retriever["prompts read out here"] == len(QUERIES)
     gaps = scaling.missing(study)
     assert "a × CoRe-k8, retriever order, detection fold 2" in gaps

@@ -89,6 +89,10 @@ class Study:
     def per_query(self, row: pd.Series, column: str = "rerank") -> pd.Series | None:
         return per_query_or_none(self.store, row, f"{column}.{COLUMN}", self.cache, self.unreadable)
 
+    def column(self, row: pd.Series, name: str) -> pd.Series | None:
+        """Any per-query column of the run (length_bias.gal, length_bias.ratio), or None."""
+        return per_query_or_none(self.store, row, name, self.cache, self.unreadable)
+
     def values(self, model: str, family: str, order: str = "retriever", fold: int | None = 0, calibrated: bool = True
                ) -> pd.Series | None:
         """Per-query nDCG@10 of a method (random heads: the per-query mean over its seeds)."""
@@ -258,8 +262,9 @@ def windows_table(study: Study) -> pd.DataFrame:
 
 def length_bias_table(study: Study) -> pd.DataFrame:
     """CoRe's length-bias test per model and method, with and without the N/A calibration: how often the best-ranked
-    relevant candidate ranks above the longest non-relevant one (GAL), over all queries with both and over the
-    length-biased ones (longest relevant ≤ half the longest non-relevant), and nDCG@10."""
+    relevant candidate ranks above the longest non-relevant one (GAL), over all queries with both, over those whose
+    longest relevant candidate is shorter than the longest non-relevant one, and over the length-biased ones (at most
+    half as long), and nDCG@10."""
     rows = []
     for model in study.models:
         for family in ("ICR", "QRHead-k8", "CoRe-k8"):
@@ -267,12 +272,17 @@ def length_bias_table(study: Study) -> pd.DataFrame:
                 g = study.runs(model, family, calibrated=calibrated)
                 if not len(g):
                     continue
-                m = g.iloc[-1]["metrics"]
+                row = g.iloc[-1]
+                m = row["metrics"]
                 n, nb = int(m.get("length_bias.queries", 0)), int(m.get("length_bias.queries_biased", 0))
+                gal, ratio = study.column(row, "length_bias.gal"), study.column(row, "length_bias.ratio")
+                shorter = "" if gal is None or ratio is None else \
+                    f"{gal[ratio < 1].mean():.2f} ({int((ratio < 1).sum())})" if (ratio < 1).any() else "– (0)"
                 rows.append({"model": MODEL_NAMES.get(model, model), "method": family,
                              "N/A calibration": "on" if calibrated else "off",
                              f"{MEASURE} × 100": f"{100 * m[f'rerank.{COLUMN}']:.1f}",
                              "GAL, all (n)": f"{m['length_bias.gal']:.2f} ({n})" if "length_bias.gal" in m else "",
+                             "GAL, gold shorter (n)": shorter,
                              "GAL, length-biased (n)": f"{m['length_bias.gal_biased']:.2f} ({nb})" if "length_bias.gal_biased" in m
                              else f"– ({nb})"})
     return pd.DataFrame(rows)
@@ -286,7 +296,8 @@ def cost(study: Study) -> pd.DataFrame:
         g = study.df[study.df["model"] == model]
         for order in ORDERS:
             o = g[g["order"] == order]
-            cpu = [(float(m.get("cpu_time_s", float("nan"))), name) for m, name in zip(o["metrics"], o["run_name"])]
+            names = [f + ("" if cal else " (no calibration)") for f, cal in zip(o["family"], o["calibrated"])]
+            cpu = [(float(m.get("cpu_time_s", float("nan"))), name) for m, name in zip(o["metrics"], names)]
             cpu = [(c, n) for c, n in cpu if c == c]
             if not cpu:
                 continue
@@ -295,7 +306,7 @@ def cost(study: Study) -> pd.DataFrame:
             rows.append({"model": MODEL_NAMES.get(model, model), "order": order, "runs": len(cpu),
                          "prompts read out here": int(computed),
                          "CPU s, all runs": round(sum(c for c, _ in cpu)), "CPU s, costliest run": round(top[0]),
-                         "costliest run": top[1]})
+                         "costliest method": top[1]})
     return pd.DataFrame(rows)
 
 
@@ -432,8 +443,10 @@ def write(uri: str, experiment: str, out: Path, models: list[str]) -> tuple[list
           "## Length bias, with and without the N/A calibration\n",
           "CoRe's length-bias test (its `length_bias_test.py`): GAL = share of queries whose best-ranked relevant "
           "candidate (judged > 0) ranks above the longest non-relevant candidate (words as the prompt shows them, "
-          "`prompt.max_words=100`); over all queries with both, and over the length-biased ones (longest relevant ≤ half "
-          "the longest non-relevant). `scoring.calibration=false` scores s(q) alone, without subtracting the N/A query.\n",
+          "`prompt.max_words=100`); over all queries with both, over those whose longest relevant candidate is shorter "
+          "than the longest non-relevant one, and over the length-biased ones of CoRe's test (at most half as long: few "
+          "on DL19, whose passages are short). `scoring.calibration=false` scores s(q) alone, without subtracting the N/A "
+          "query.\n",
           _md(length_bias_table(study)), "",
           "## Document order\n", "Retriever order (top-1 first), reversed (top-1 last: ICR's and QRHead's BEIR setting) "
           "and shuffled (one seeded permutation per query, the same for every method).\n", _md(orders), "",
