@@ -121,12 +121,26 @@ def check_overrides(args: list[str]) -> str | None:
 
 
 def default_values() -> dict[str, Any]:
-    """dotted key -> the value the default job (`python -m corexp`) runs with, for every setting it has."""
+    """dotted key -> the value the default job (`python -m corexp`) runs with, for every setting it has. A value the
+    config derives by interpolation (a path under the checkout or the cache) is shown as written, not as this
+    machine resolves it, so the README's table is the same in every clone."""
+    from omegaconf import OmegaConf
+
     from corexp.config import compose_config
     from corexp.settings import plain
 
-    job = Job.from_config(compose_config([]))
+    cfg = compose_config([])
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    job = Job.from_config(cfg)
     out: dict[str, Any] = {}
+
+    def as_written(key: str) -> Any:
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node if isinstance(node, str) and "${" in node else None
 
     def walk(prefix: str, obj: Any) -> None:
         for f in dataclasses.fields(obj):
@@ -134,7 +148,9 @@ def default_values() -> dict[str, Any]:
             if isinstance(value, Component):
                 walk(f"{prefix}{f.name}.", value)
             else:
-                out[f"{prefix}{f.name}"] = plain(value)
+                key = f"{prefix}{f.name}"
+                written = as_written(key)
+                out[key] = written if written is not None else plain(value)
 
     walk("", job.options)
     for group, component in job.components().items():
