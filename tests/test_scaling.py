@@ -148,6 +148,11 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     shuffled_random = pd.concat([store.per_query[f"r{i}"][COL] for i in range(12, 17)], axis=1).mean(axis=1)
     lead = 100 * float((store.per_query["r11"][COL] - shuffled_random).mean())
     assert control.loc["a", "lead shuffled"] == f"{lead:+.1f}" and control.loc["b", "lead shuffled"] == ""
+    # the reading's sentence on the other orders: ICR reversed, CoRe-k8 shuffled and its lead over the draws there
+    said = scaling._order_reading(study, "a")
+    assert f"reversed: ICR {100 * store.rows[10]['metrics'][COL]:.1f}" in said
+    assert f"shuffled: CoRe-k8 {100 * store.rows[11]['metrics'][COL]:.1f}, CoRe-k8 vs random {lead:+.1f} (p = " in said
+    assert scaling._order_reading(study, "b") == ""
     heads, jac = scaling.stability(study)
     core = jac[jac.metric == "CoRe-k8"].iloc[0]
     assert core["J(0,1)"] == round(6 / 10, 2)  # 6 shared heads of 8 and 8: |∩| / |∪| = 6 / 10

@@ -360,8 +360,29 @@ def reading(study: Study) -> list[str]:
             comparisons.append(f"{f} {verdict} {short} ({diff:+.1f}, Holm p = {'n/a' if p is None else f'{p:.2g}'})")
         if comparisons:
             text += " " + "; ".join(comparisons) + "."
+        text += _order_reading(study, model)
         lines.append(text)
     return lines
+
+
+def _order_reading(study: Study, model: str) -> str:
+    """One sentence on the other document orders: ICR and CoRe-k8 there, and CoRe-k8's lead over the random draws
+    (paired t-test, uncorrected, as in the position-control table); empty where no other order ran."""
+    parts = []
+    for order in ORDERS:
+        if order == "retriever":
+            continue
+        icr, core = study.means(model, "ICR", order), study.means(model, "CoRe-k8", order)
+        a, b = study.values(model, "CoRe-k8", order), study.values(model, "random-k8", order)
+        if not icr and not core:
+            continue
+        said = [f"ICR {100 * np.mean(icr):.1f}" if icr else "", f"CoRe-k8 {100 * np.mean(core):.1f}" if core else ""]
+        if a is not None and b is not None:
+            x, y = a.align(b, join="inner")
+            p = _ttest(a, b)
+            said.append(f"CoRe-k8 vs random {100 * float((x - y).mean()):+.1f} (p = {'n/a' if p is None else f'{p:.2g}'})")
+        parts.append(f"{order}: " + ", ".join(s for s in said if s))
+    return (" Other orders — " + "; ".join(parts) + ".") if parts else ""
 
 
 def figure(study: Study, path: Path) -> Path:
