@@ -172,7 +172,9 @@ def cli_env(tmp_path_factory):
 CASES_RUN = []
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# 25 drawn examples (~5 s each, a CLI process apiece): the wiring from the command line; every setting's rule is
+# covered in process by test_rules_agree_with_the_spec (400 examples).
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(sorted(SPEC)), VALUES)
 def test_cli_runs_what_the_value_means_or_stops_with_one_line(cli_env, key, value):
     """The real CLI: an allowed value gives exactly that plan; any other exits non-zero with one line, no traceback,
