@@ -87,10 +87,10 @@ class Study:
         return g
 
     def per_query(self, row: pd.Series, column: str = "rerank") -> pd.Series | None:
-        return per_query_or_none(self.store, row, f"{column}.{COLUMN}", self.cache, self.unreadable)
+        return self.column(row, f"{column}.{COLUMN}")
 
     def column(self, row: pd.Series, name: str) -> pd.Series | None:
-        """Any per-query column of the run (length_bias.gal, length_bias.ratio), or None."""
+        """Any per-query column of the run (rerank.nDCG_at_10, length_bias.gal, length_bias.ratio), or None."""
         return per_query_or_none(self.store, row, name, self.cache, self.unreadable)
 
     def values(self, model: str, family: str, order: str = "retriever", fold: int | None = 0, calibrated: bool = True
@@ -125,6 +125,12 @@ def _ttest(a: pd.Series | None, b: pd.Series | None) -> float | None:
     if len(x) < 2 or np.allclose(x.values, y.values):
         return None
     return float(ttest_rel(x.values, y.values).pvalue)
+
+
+def _lead(a: pd.Series, b: pd.Series) -> float:
+    """Mean per-query difference a - b × 100 over the queries both have."""
+    x, y = a.align(b, join="inner")
+    return 100 * float((x - y).mean())
 
 
 def _cell(values: list[float], seeds: bool = False) -> str:
@@ -171,11 +177,10 @@ def main_table(study: Study, alpha: float = 0.05) -> tuple[pd.DataFrame, pd.Data
             a, b = vals[f], vals["ICR"] if ref == "ICR" else vals["random-k8"]
             if a is None or b is None:
                 continue
-            x, y = a.align(b, join="inner")
             mean = np.mean(study.means(model, f))
             beaten = "" if ref == "ICR" or not draws else f"{sum(mean > d for d in draws)}/{len(draws)}"
             tests.append({"model": MODEL_NAMES.get(model, model), "method": f, "against": ref,
-                          "difference × 100": round(100 * float((x - y).mean()), 1),
+                          "difference × 100": round(_lead(a, b), 1),
                           "p (Holm)": adjusted.get((f, ref)), "random draws it beats": beaten})
     table = pd.DataFrame(rows)
     table.index.name = "method"
@@ -208,9 +213,8 @@ def position_control(study: Study) -> pd.DataFrame:
             if a is None or b is None:
                 row[f"lead {order}"], row[f"p {order}"] = "", ""
                 continue
-            x, y = a.align(b, join="inner")
             p = _ttest(a, b)
-            row[f"lead {order}"] = f"{100 * float((x - y).mean()):+.1f}"
+            row[f"lead {order}"] = f"{_lead(a, b):+.1f}"
             row[f"p {order}"] = "" if p is None else f"{p:.3g}"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -250,8 +254,7 @@ def windows_table(study: Study) -> pd.DataFrame:
         a, b = study.values(model, "window-w4"), study.values(model, "ICR")
         lead, p = "", None
         if a is not None and b is not None:
-            x, y = a.align(b, join="inner")
-            lead, p = f"{100 * float((x - y).mean()):+.1f}", _ttest(a, b)
+            lead, p = f"{_lead(a, b):+.1f}", _ttest(a, b)
         rows.append({"model": MODEL_NAMES.get(model, model), "layers [start, end)": r["params"].get("selected_window", "?"),
                      "layers run": int(r["metrics"].get("kept_layers", 0)) or "",
                      f"{MEASURE} × 100": _cell(study.means(model, "window-w4")),
@@ -276,8 +279,10 @@ def length_bias_table(study: Study) -> pd.DataFrame:
                 m = row["metrics"]
                 n, nb = int(m.get("length_bias.queries", 0)), int(m.get("length_bias.queries_biased", 0))
                 gal, ratio = study.column(row, "length_bias.gal"), study.column(row, "length_bias.ratio")
-                shorter = "" if gal is None or ratio is None else \
-                    f"{gal[ratio < 1].mean():.2f} ({int((ratio < 1).sum())})" if (ratio < 1).any() else "– (0)"
+                shorter = ""
+                if gal is not None and ratio is not None:
+                    gold_shorter = ratio < 1
+                    shorter = f"{gal[gold_shorter].mean():.2f} ({int(gold_shorter.sum())})" if gold_shorter.any() else "– (0)"
                 rows.append({"model": MODEL_NAMES.get(model, model), "method": family,
                              "N/A calibration": "on" if calibrated else "off",
                              f"{MEASURE} × 100": f"{100 * m[f'rerank.{COLUMN}']:.1f}",
@@ -353,8 +358,7 @@ def reading(study: Study) -> list[str]:
             a, b = vals.get(f), vals.get("ICR") if ref == "ICR" else vals.get("random-k8")
             if a is None or b is None:
                 continue
-            x, y = a.align(b, join="inner")
-            diff, p = 100 * float((x - y).mean()), adjusted.get((f, ref))
+            diff, p = _lead(a, b), adjusted.get((f, ref))
             verdict = "beats" if diff > 0 and p is not None and p < 0.05 else "trails" if diff < 0 and p is not None and p < 0.05 \
                 else "does not differ significantly from"
             comparisons.append(f"{f} {verdict} {short} ({diff:+.1f}, Holm p = {'n/a' if p is None else f'{p:.2g}'})")
@@ -378,9 +382,8 @@ def _order_reading(study: Study, model: str) -> str:
             continue
         said = [f"ICR {100 * np.mean(icr):.1f}" if icr else "", f"CoRe-k8 {100 * np.mean(core):.1f}" if core else ""]
         if a is not None and b is not None:
-            x, y = a.align(b, join="inner")
             p = _ttest(a, b)
-            said.append(f"CoRe-k8 vs random {100 * float((x - y).mean()):+.1f} (p = {'n/a' if p is None else f'{p:.2g}'})")
+            said.append(f"CoRe-k8 vs random {_lead(a, b):+.1f} (p = {'n/a' if p is None else f'{p:.2g}'})")
         parts.append(f"{order}: " + ", ".join(s for s in said if s))
     return (" Other orders — " + "; ".join(parts) + ".") if parts else ""
 
