@@ -141,7 +141,7 @@ def task(spec: dict) -> dict:
                 out = lm.model(ids, output_attentions=True, use_cache=False)
                 torch.stack([a[0, :, enc.q_start:enc.q_end].float().mean(1) for a in out.attentions])
         elif kind == "detection":
-            rr.head_doc_masses(query, documents)
+            rr.detection_readout(query, documents)
         _sync(spec["device"])
 
     with PeakMemory(spec["device"]) as mem:  # the first call: nothing cached yet, so its peak is the real cost
@@ -174,7 +174,7 @@ def interleaved(spec: dict) -> dict:
         last[name] = rr.score(query, documents).stats
 
     fns = {"rerank": lambda: scored("one", full), "rerank_two_pass": lambda: scored("two", two),
-           "plain_sdpa": lambda: _plain_forward(lm, ids), "detection": lambda: full.head_doc_masses(query, documents)}
+           "plain_sdpa": lambda: _plain_forward(lm, ids), "detection": lambda: full.detection_readout(query, documents)}
     fns.update({f"rerank_keep{k}": (lambda r=r: r.score(query, documents)) for k, r in cuts.items()})
     times: dict[str, list[float]] = {k: [] for k in fns}
     passes: dict[str, list[float]] = {"main": [], "na": []}

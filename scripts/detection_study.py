@@ -24,7 +24,7 @@ def table(model: str, overrides: list[str]):
     job = Job.from_config(compose_config([f"model={model}", "data=dl19", "progress=true", *overrides]))
     t0 = time.perf_counter()
     t = detection(job, [], model_info(job.model, job.cache))
-    return t.masses, t.pos_index, time.perf_counter() - t0, job.model.tau
+    return t, time.perf_counter() - t0, job.model.tau
 
 
 def main() -> None:
@@ -34,14 +34,19 @@ def main() -> None:
     ap.add_argument("--reference", default="detection=sample100", help="comma-separated overrides of the reference set")
     ap.add_argument("--variant", action="append", default=[], help="name:comma-separated overrides (repeatable)")
     a = ap.parse_args()
-    ref_m, ref_p, _, tau = table(a.model, a.reference.split(","))
-    ref = {"core": H.top_k(H.core_scores(ref_m, ref_p, tau), a.k), "qrhead": H.top_k(H.qrhead_scores(ref_m, ref_p), a.k)}
-    print(json.dumps({"reference": a.reference, "instances": int(ref_m.shape[0]), "core": H.format_heads(ref["core"])}))
+    ref_t, _, tau = table(a.model, a.reference.split(","))
+
+    def tops(t):  # CoRe and QRHead (long-context variant: the same instances, unshuffled) from one detection table
+        return (H.top_k(H.core_scores(t.masses, t.pos_index, tau), a.k),
+                H.top_k(H.qrhead_lme_scores(t.scores, t.pos_index), a.k))
+
+    ref = dict(zip(("core", "qrhead"), tops(ref_t)))
+    print(json.dumps({"reference": a.reference, "instances": ref_t.instances, "core": H.format_heads(ref["core"])}))
     for spec in a.variant:
         name, _, overrides = spec.partition(":")
-        m, p, secs, _ = table(a.model, [*a.reference.split(","), *overrides.split(",")])
-        core, qr = H.top_k(H.core_scores(m, p, tau), a.k), H.top_k(H.qrhead_scores(m, p), a.k)
-        print(json.dumps({"variant": name, "instances": int(m.shape[0]), "seconds": round(secs, 1),
+        t, secs, _ = table(a.model, [*a.reference.split(","), *overrides.split(",")])
+        core, qr = tops(t)
+        print(json.dumps({"variant": name, "instances": t.instances, "seconds": round(secs, 1),
                           "core": H.format_heads(core), "jaccard_core": round(H.jaccard(core, ref["core"]), 3),
                           "jaccard_qrhead": round(H.jaccard(qr, ref["qrhead"]), 3)}), flush=True)
 

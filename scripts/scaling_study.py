@@ -8,11 +8,13 @@ N/A-calibration ablation, layer windows, head-set stability and the head atlas.
 
 Every cell is an ordinary corexp job (one MLflow run, experiment `scaling`), run one sweep at a time (the CPU is the
 scarce resource: two jobs at once only slow each other). `readout_cache=true`: the first job of each (model, document
-order) reads every head in its forward and keeps the per-prompt table, so ICR, QRHead-k8, CoRe-k8, five random-k8
-draws, the layer window, RRF fusion and the uncalibrated variants of the same prompts cost one forward per query, and
-the atlas none. Heads and windows come from `detection=scifact_train` (40 queries of the complete SciFact train split,
-disjoint from DL19): fold 0 for the main rows, folds 1 and 2 for the stability study. Resumable: a finished cell is
-skipped (its identity, by content, is already FINISHED), a killed one recomputed.
+order) reads every head in its forward and keeps the per-prompt table, so ICR, QRHead-k8 (both official detection
+variants), QR-R-k8, CoRe-k8, five random-k8 draws, the layer window, RRF fusion and the uncalibrated variants of the
+same prompts cost one forward per query, and the atlas none. Heads and windows come from `detection=scifact_train`
+(40 queries of the complete SciFact train split, disjoint from DL19): fold 0 for the main rows, folds 1 and 2 for the
+stability study. One detection forward per instance serves CoRe, QR-R, QRHead's long-context variant and the window;
+QRHead's BEIR variant reads its shuffled instances in a forward of their own. Resumable: a finished cell is skipped
+(its identity, by content, is already FINISHED), a killed one recomputed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ PHASES = "main,calibration,reversed,shuffled,stability,atlas"
 def sweeps(phase: str) -> list[list[str]]:
     """The sweeps of one phase; in each order the all-heads job (ICR) runs first and fills the read-out cache."""
     if phase == "main":
-        return [["heads=all"], ["heads=core,qrhead"], ["heads=random", f"heads.seed={SEEDS}"], ["heads=window"],
-                ["heads=core", "fusion=rrf"]]
+        return [["heads=all"], ["heads=core,qr_r"], ["heads=qrhead", "heads.variant=beir,lme"],
+                ["heads=random", f"heads.seed={SEEDS}"], ["heads=window"], ["heads=core", "fusion=rrf"]]
     if phase == "calibration":
         return [["heads=all,core,qrhead", "scoring.calibration=false"]]
     if phase in ("reversed", "shuffled"):

@@ -17,10 +17,51 @@ def masses_fixture():
     return m, pos
 
 
-def test_qrhead_score_is_mean_mass_on_positive():
+def test_qr_r_and_qrhead_lme_scores_are_the_mean_value_on_the_positive():
+    """QR-R on raw masses (CoRe's qr_detector.py), QRHead's long-context QRScore on calibrated, masked scores."""
     m, pos = masses_fixture()
     expected = np.mean([m[i, :, :, pos[i]] for i in range(6)], axis=0)
-    np.testing.assert_allclose(H.qrhead_scores(m, pos), expected, rtol=1e-6)
+    np.testing.assert_allclose(H.qr_r_scores(m, pos), expected, rtol=1e-6)
+    np.testing.assert_allclose(H.qrhead_lme_scores(m - 0.5, pos), expected - 0.5, rtol=1e-6)
+
+
+def test_qrhead_beir_score_is_the_mean_ndcg_at_10_of_each_heads_rankings():
+    """nDCG@10 by hand (one relevant document: 1/log2(rank+1), 0 below rank 10) against ir_measures on the same runs;
+    ties between documents go to the larger document id, as trec_eval breaks them."""
+    import ir_measures
+
+    rng = np.random.default_rng(1)
+    scores = rng.random((5, 2, 3, 14)).astype(np.float32)
+    scores[0, 0, 0, :] = 0.25  # all tied: trec_eval ranks by descending id
+    pos = np.array([0, 13, 4, 7, 2])
+    ids = np.array([[f"d{j:02d}" for j in rng.permutation(14)] for _ in range(5)])
+    got = H.qrhead_beir_scores(scores, pos, ids)
+    for layer in range(2):
+        for head in range(3):
+            run = {f"q{i}": {ids[i, d]: float(scores[i, layer, head, d]) for d in range(14)} for i in range(5)}
+            qrels = {f"q{i}": {ids[i, pos[i]]: 1} for i in range(5)}
+            ref = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrels, run)[ir_measures.nDCG @ 10]
+            assert got[layer, head] == round(ref, 5)
+    by_hand = np.mean([1 / np.log2(r + 1) if r <= 10 else 0.0 for r in
+                       [1 + int((scores[i, 1, 2] > scores[i, 1, 2, pos[i]]).sum()) for i in range(5)]])
+    assert got[1, 2] == round(by_hand, 5)
+
+
+def test_qrhead_beir_shuffles_detection_documents_like_its_driver():
+    """random.seed(42) once, then random.shuffle of each instance's documents; the positive follows its document."""
+    import random
+
+    from corexp.components.detection import shuffle_documents
+
+    insts = [{"query_id": str(q), "docs": [f"{q}-{j}" for j in range(20)], "pos_index": q % 20} for q in range(4)]
+    out = shuffle_documents(insts, H.QRHEAD_BEIR_SEED)
+    random.seed(42)
+    for before, after in zip(insts, out):
+        expected = list(before["docs"])
+        random.shuffle(expected)
+        assert after["docs"] == expected and after["docs"][after["pos_index"]] == before["docs"][before["pos_index"]]
+    assert H.QRHeads().detection_shuffle == 42 and H.QRHeads(variant="lme").detection_shuffle is None
+    assert H.CoReHeads().detection_shuffle is None and H.QRRHeads().detection_shuffle is None
 
 
 @pytest.mark.parametrize("tau", [0.001, 0.1, 10.0])

@@ -116,6 +116,7 @@ def test_qrhead_edge_prompts():
 def test_core_detection_prompts_spans_and_head_scores():
     """The official detector on 10 instances, T = 0.1: the same prompts and spans ([start, end), no trailing token),
     every head's mean contrastive score within 1e-6, the same top-8 in the same order."""
+    from corexp.components.detection import read_instance
     from corexp.engine.models import load_model
     from corexp.engine.prompt import encode
     from corexp.engine.reranker import AttentionReranker
@@ -136,11 +137,8 @@ def test_core_detection_prompts_spans_and_head_scores():
         assert enc.doc_spans[pos] == tuple(off["pos_span"])
         assert [s for i, s in enumerate(enc.doc_spans) if i != pos] == [tuple(s) for s in off["neg_span"]]
         assert (enc.q_start, enc.q_end) == (off["query_span"][0], off["query_span"][1] + 1)
-        labels, m = rr.head_doc_masses(inst["question"], docs)
-        table = np.zeros((lm.kept_layers, lm.num_heads, len(docs)))
-        for row, (layer, head) in enumerate(labels):
-            table[layer, head] = m[row].numpy()
-        masses.append(table)
+        m, _ = read_instance(rr, inst["question"], docs, lm.kept_layers, lm.num_heads)  # the forward with the N/A query
+        masses.append(m)
         positives.append(pos)
     scores = H.core_scores(np.stack(masses), np.array(positives), 0.1)
     reference = load("official_core_detection_scores.json")
@@ -148,3 +146,124 @@ def test_core_detection_prompts_spans_and_head_scores():
     assert worst <= 1e-6, worst
     assert H.top_k(scores, 8) == [H.parse_head(k) for k in sorted(reference, key=lambda k: -reference[k])[:8]]
     assert H.top_k(scores, 8) == OFFICIAL_TOP8
+    # QR-R (CoRe's qr_detector.py: this prompt and these spans, the mean raw mass on the positive, no N/A query).
+    qr_r = H.qr_r_scores(np.stack(masses), np.array(positives))
+    print("QR-R top-8", H.format_heads(H.top_k(qr_r, 8)))
+
+
+QRHEAD_BEIR_TOP8 = [(15, 6), (20, 6), (17, 3), (17, 4), (22, 0), (23, 2), (21, 8), (22, 7)]
+QRHEAD_LME_TOP8 = [(18, 6), (22, 7), (23, 2), (7, 7), (21, 8), (17, 3), (14, 3), (15, 6)]
+
+
+@pytest.fixture(scope="module")
+def qrhead_detection():
+    """corexp's QRHead detection of the 10 parity instances with `prompt=qrhead_official`: per driver (beir: every
+    instance's documents shuffled with seed 42; lme: as given), the encoded real and N/A prompts and the table of raw
+    masses and calibrated, masked per-head document scores (one forward per instance, real + N/A query)."""
+    from corexp.components.detection import instance_arrays, shuffle_documents
+    from corexp.engine.models import load_model
+    from corexp.engine.reranker import AttentionReranker
+
+    from helpers import build_job
+
+    raw = load("detection_instances.json")
+    job = build_job(["model=smollm2", "prompt=qrhead_official", "model.template=llama3"])
+    lm = load_model(job.model, job.cache)
+    rr = AttentionReranker(lm, job.prompt.for_detection(job.prompt.max_words), None, "llama3")
+    texts = {str(p["idx"]): p["paragraph_text"] for inst in raw for p in inst["paragraphs"]}
+    built = [{"query_id": str(inst["idx"]), "query": inst["question"], "docs": [str(p["idx"]) for p in inst["paragraphs"]],
+              "pos_index": next(i for i, p in enumerate(inst["paragraphs"]) if p["is_positive"])} for inst in raw]
+    out = {}
+    for variant, instances in (("lme", built), ("beir", shuffle_documents(built, H.QRHEAD_BEIR_SEED))):
+        prompts, masses, scores, gaps = [], [], [], []
+        for inst in instances:
+            docs = [Document(d, None, texts[d]) for d in inst["docs"]]
+            for query in (inst["query"], "N/A"):
+                prompts.append((query, inst["docs"], rr.prompt.encode_plain(rr.doc_texts(docs), query)))
+            head_table, enc = rr.detection_readout(inst["query"], docs)
+            m, s = instance_arrays(head_table, enc.doc_spans, lm.kept_layers, lm.num_heads)
+            masses.append(m)
+            scores.append(s)
+            gaps.append(threshold_gaps(head_table, enc.doc_spans, lm.kept_layers, lm.num_heads))
+        table = H.DetectionTable(np.stack(masses), np.array([i["pos_index"] for i in instances]), np.stack(scores),
+                                 np.array([i["docs"] for i in instances]))
+        out[variant] = (prompts, table, np.stack(gaps))
+    return out
+
+
+def threshold_gaps(head_table, spans, n_layers, n_heads):
+    """Per head and document: how close its nearest token's calibrated score lies to the head's mean-2σ threshold."""
+    gaps = np.full((n_layers, n_heads, len(spans)), np.inf)
+    c = head_table.calibrated
+    for i, (a, b) in enumerate(spans):
+        part = c[:, a:b]
+        if part.shape[1] > 1:
+            gap = (part - (part.mean(dim=1, keepdim=True) - 2 * part.std(dim=1, keepdim=True))).abs().min(dim=1).values
+            for row, (layer, head) in enumerate(head_table.labels):
+                gaps[layer, head, i] = float(gap[row])
+    return gaps
+
+
+@pytest.mark.parametrize("variant", ["beir", "lme"])
+def test_qrhead_detection_prompts_ids_and_spans(qrhead_detection, variant):
+    """Each driver's detection prompts (real and N/A per instance, its document order): text, ids and spans."""
+    prompts, _, _ = qrhead_detection[variant]
+    official = load(f"official_qrhead_detection_{variant}_prompts.json")
+    assert len(prompts) == len(official) == 20
+    for (query, doc_ids, enc), off in zip(prompts, official, strict=True):
+        assert query == off["query"] and doc_ids == off["doc_ids"]
+        assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"]
+        assert enc.doc_spans == [(a, b + 1) for a, b in off["doc_spans"]]  # [start, end] inclusive
+        assert (enc.q_start, enc.q_end) == (off["query_span"][0], off["query_span"][1] + 1)
+
+
+@pytest.mark.parametrize("variant", ["beir", "lme"])
+def test_qrhead_detection_per_head_document_scores(qrhead_detection, variant):
+    """Every head's calibrated, masked score of every document of every instance (N/A calibration and the mean-2σ
+    mask per head), within 1e-5 of the official code's; the positive's index in prompt order identical.
+
+    The one exception is a token lying on its head's threshold (|c_j - (mean - 2σ)| < 1e-9: the two read-outs agree to
+    ~1e-7, so such a token can be masked on one side and kept on the other). On these instances that changes one of
+    54,000 scores (lme: instance 5, head 11-2, a token 1.6e-11 from the threshold, 2.3e-5 apart)."""
+    _, table, gaps = qrhead_detection[variant]
+    ref = np.load(PARITY / f"official_qrhead_detection_{variant}_doc_scores.npz")
+    assert table.scores.shape == ref["scores"].shape == (10, 30, 9, 20)
+    assert table.pos_index.tolist() == ref["pos_index"].tolist()
+    assert table.doc_ids.tolist() == ref["doc_ids"].tolist()
+    diff = np.abs(table.scores - ref["scores"])
+    on_threshold = gaps < 1e-9
+    assert float(diff[~on_threshold].max()) <= 1e-5, float(diff[~on_threshold].max())
+    assert int((diff[on_threshold] > 1e-5).sum()) <= 2 and float(diff.max()) < 1e-4
+
+
+def official_ranking(name):
+    return [(H.parse_head(k), v) for k, v in load(name)]
+
+
+def test_qrhead_beir_head_scores_and_top_heads(qrhead_detection):
+    """The BEIR driver: every head's nDCG@10 equal to the official value (BEIR rounds to 5 decimals), the same top-16
+    up to ties, and heads=qrhead (variant beir, the default) selects the official top-8."""
+    _, table, _ = qrhead_detection["beir"]
+    official = official_ranking("official_qrhead_detection_beir_scores.json")
+    got = H.qrhead_beir_scores(table.scores, table.pos_index, table.doc_ids)
+    diffs = [abs(got[l, h] - v) for (l, h), v in official]
+    assert len(official) == 270 and max(diffs) < 5e-6, max(diffs)
+    top16 = H.top_k(got, 16)
+    cut = official[15][1]
+    assert {h for h, v in official if v > cut} <= set(top16) <= {h for h, v in official if v >= cut}
+    sel = H.QRHeads(k=8).select(H.SelectionContext(30, 9, detection=table))
+    assert sel.heads == QRHEAD_BEIR_TOP8 == [h for h, _ in official[:8]]
+
+
+def test_qrhead_lme_head_scores_and_top_heads(qrhead_detection):
+    """The long-context driver (QRScore): every head's mean calibrated score of the positive within 1e-5, the same
+    top-16 in the same order, and heads=qrhead heads.variant=lme selects the official top-8."""
+    _, table, _ = qrhead_detection["lme"]
+    official = official_ranking("official_qrhead_detection_lme_scores.json")
+    got = H.qrhead_lme_scores(table.scores, table.pos_index)
+    worst = max(abs(got[l, h] - v) for (l, h), v in official)
+    assert len(official) == 270 and worst <= 1e-5, worst
+    assert H.top_k(got, 16) == [h for h, _ in official[:16]]
+    sel = H.QRHeads(k=8, variant="lme").select(H.SelectionContext(30, 9, detection=table))
+    assert sel.heads == QRHEAD_LME_TOP8 == [h for h, _ in official[:8]]
+

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -66,3 +67,17 @@ def test_fusion_formulas():
     assert LinearFusion(0.0).fuse(ids, attn, first) == pytest.approx([1.0, 0.5, 0.0])
     # attention ranks b, c, a; first-stage ranks a, b, c
     assert RRFFusion(60).fuse(ids, attn, first) == pytest.approx([1 / 63 + 1 / 61, 1 / 61 + 1 / 62, 1 / 62 + 1 / 63])
+
+
+def test_per_head_document_scores_are_the_document_scores_of_each_head_alone():
+    """QRHead's detection scores a head as it re-ranks with that head alone: the same mask and sum per row."""
+    from corexp.engine.scoring import head_document_scores
+
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn((7, 60), generator=g) * 1e-3
+    c[2] = 0.0  # a silent head: every token on the threshold, score 0
+    spans = [(0, 1), (1, 13), (13, 13), (13, 40), (40, 60)]
+    got = head_document_scores(c, spans)
+    assert got.shape == (7, 5) and torch.isfinite(got).all()
+    for row in range(7):
+        np.testing.assert_allclose(got[row].numpy(), document_scores(c[row], spans), rtol=1e-5, atol=1e-9)

@@ -1,5 +1,6 @@
-"""Head detection (METHOD.md §4): the `detection` group's component, its instances and per-head attention masses,
-cached atomically as .npz (no pickle) by content: the model's identity and every instance's prompt."""
+"""Head detection (METHOD.md §4): the `detection` group's component, its instances and, per head and document, the raw
+attention mass (CoRe, QR-R) and the calibrated, masked score (QRHead) from one forward per instance with the real and
+the N/A query; cached atomically as .npz (no pickle) by content: the model's identity and every instance's prompt."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from corexp.components.heads import DetectionTable
 from corexp.data.datasets import IRDataset, Source, TrecRun
 from corexp.engine.prompt import PromptBuilder
+from corexp.engine.readout_cache import HeadTable
+from corexp.engine.scoring import head_document_scores
 from corexp.errors import CorexpError
 from corexp.files import atomic_write_bytes, cached, stable_key
 from corexp.settings import setting
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "det-v2"
+CODE_VERSION = "det-v3"  # v3: raw masses and calibrated, masked per-head scores from one forward (real + N/A query)
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class Detection(Source):
                               "(detection.num_negatives + 1 slots)")
 
     def table(self, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path, model_key: str,
-              reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
-        return detection_table(self, prompt, first_stage, eval_query_ids, cache_dir, model_key, reranker, progress)
+              reranker: Callable[[], Any], progress: bool = True, shuffle: int | None = None) -> DetectionTable:
+        return detection_table(self, prompt, first_stage, eval_query_ids, cache_dir, model_key, reranker, progress, shuffle)
 
 
 def build_instances(ds: IRDataset, run: TrecRun, det: Detection) -> list[dict[str, Any]]:
@@ -87,6 +91,38 @@ def build_instances(ds: IRDataset, run: TrecRun, det: Detection) -> list[dict[st
     return instances
 
 
+def shuffle_documents(instances: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Each instance's documents shuffled, as QRHead's BEIR driver does: one generator seeded once, one shuffle per
+    instance in order (`random.seed(42)`, then `random.shuffle(paragraphs)`); the positive's index follows it."""
+    rng = random.Random(seed)
+    out = []
+    for inst in instances:
+        order = list(range(len(inst["docs"])))
+        rng.shuffle(order)
+        out.append({**inst, "docs": [inst["docs"][i] for i in order], "pos_index": order.index(inst["pos_index"])})
+    return out
+
+
+def instance_arrays(table: HeadTable, spans: list[tuple[int, int]], n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, heads, docs) raw attention masses a_{l,h}(d) (CoRe, QR-R: the real query alone) and calibrated, masked
+    scores of each head alone (QRHead: METHOD.md §3 per head) of one prompt's head table."""
+    csum = torch.nn.functional.pad(table.real.double().cumsum(dim=1), (1, 0))
+    masses = torch.stack([csum[:, b] - csum[:, a] for a, b in spans], dim=1)
+    scores = head_document_scores(table.calibrated, spans)
+    out_m = np.zeros((n_layers, n_heads, len(spans)), dtype=np.float32)
+    out_s = np.zeros((n_layers, n_heads, len(spans)), dtype=np.float32)
+    for row, (layer, head) in enumerate(table.labels):
+        out_m[layer, head] = masses[row].numpy()
+        out_s[layer, head] = scores[row].numpy()
+    return out_m, out_s
+
+
+def read_instance(rr: Any, query: str, docs: list[Any], n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """One instance's raw masses and calibrated, masked per-head scores, from one forward (real + N/A query)."""
+    table, enc = rr.detection_readout(query, docs)
+    return instance_arrays(table, enc.doc_spans, n_layers, n_heads)
+
+
 def fold_order(ds: IRDataset, det: Detection) -> list[str]:
     """The judged queries in one seeded order; detection.fold=i takes the i-th block of eligible queries in it."""
     judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
@@ -111,9 +147,12 @@ def instances_digest(prompt: PromptBuilder, ds: IRDataset, instances: list[dict[
 
 
 def detection_table(det: Detection, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path,
-                    model_key: str, reranker: Callable[[], Any], progress: bool = True) -> DetectionTable:
-    """Masses (instances, layers, heads, docs) and positive indices (METHOD.md §4), computed once per model and instance
-    content. `prompt` (a PromptBuilder: tokenizer only) keys the cache; `reranker()` loads the model only on a miss."""
+                    model_key: str, reranker: Callable[[], Any], progress: bool = True,
+                    shuffle: int | None = None) -> DetectionTable:
+    """Raw masses and calibrated, masked per-head scores (instances, layers, heads, docs) and positive indices
+    (METHOD.md §4), from one forward per instance (real and N/A query), computed once per model and instance content.
+    `shuffle`: the seed of QRHead's BEIR-driver shuffle of each instance's documents (None: as built). `prompt` (a
+    PromptBuilder: tokenizer only) keys the cache; `reranker()` loads the model only on a miss."""
     ds = det.load()
     overlap = sorted(set(ds.queries) & set(eval_query_ids))
     if overlap:
@@ -128,6 +167,8 @@ def detection_table(det: Detection, prompt: PromptBuilder, first_stage: Any, eva
         pool = sorted(fold_order(ds, det)[:3 * int(det.num_queries) * (int(det.fold) + 1)])
     run, _ = first_stage.retrieve(ds, pool, cache_dir, progress=False)
     instances = build_instances(ds, run, det)
+    if shuffle is not None:
+        instances = shuffle_documents(instances, shuffle)
     key = stable_key(CODE_VERSION, model_key, instances_digest(prompt, ds, instances))
     path = Path(cache_dir) / "detection" / f"{det.name}-{key}.npz"
 
@@ -135,17 +176,18 @@ def detection_table(det: Detection, prompt: PromptBuilder, first_stage: Any, eva
         log.info("head detection: %d instances (%d documents each) -> %s", len(instances), int(det.num_negatives) + 1, path)
         rr = reranker()
         lm = rr.lm
-        masses = np.zeros((len(instances), lm.kept_layers, lm.num_heads, int(det.num_negatives) + 1), dtype=np.float32)
+        shape = (len(instances), lm.kept_layers, lm.num_heads, int(det.num_negatives) + 1)
+        masses, scores = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
         for i, inst in enumerate(tqdm(instances, desc="head detection", disable=not progress)):
             docs = ds.docs.get_many(inst["docs"])
-            labels, m = rr.head_doc_masses(ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]])
-            for row, (layer, head) in enumerate(labels):
-                masses[i, layer, head] = m[row].numpy()
+            masses[i], scores[i] = read_instance(rr, ds.queries[inst["query_id"]], [docs[d] for d in inst["docs"]],
+                                                 lm.kept_layers, lm.num_heads)
         pos_index = np.array([inst["pos_index"] for inst in instances], dtype=np.int64)
+        doc_ids = np.array([inst["docs"] for inst in instances], dtype=str)
         buf = io.BytesIO()
-        np.savez_compressed(buf, masses=masses, pos_index=pos_index)
+        np.savez_compressed(buf, masses=masses, scores=scores, pos_index=pos_index, doc_ids=doc_ids)
         atomic_write_bytes(path, buf.getvalue())
 
     cached(path, compute)  # concurrent jobs: one computes, the others wait for its file
     with np.load(path, allow_pickle=False) as z:
-        return DetectionTable(z["masses"], z["pos_index"])
+        return DetectionTable(z["masses"], z["pos_index"], z["scores"], z["doc_ids"])

@@ -1,9 +1,10 @@
 """Head selection (METHOD.md §4, §6): detection scores -> top-k, random control, published lists, layer bands; overlap.
 
 Each option of the `heads` group is a selector class here (conf/heads/*.yaml names it in `_target_`): `AllHeads`
-(ICR), `CoReHeads`, `QRHeads`, `RandomHeads`, `PublishedHeads`, `LayerHeads` (every head of a band of layers) and
-`WindowHeads` (the band of `width` layers that does best on the detection set). A selector says whether it needs detection data,
-selects its heads for a model, re-selects them among the layers a truncation keeps, and names itself.
+(ICR), `CoReHeads`, `QRHeads` (QRHead, both official drivers), `QRRHeads` (CoRe's QR-R baseline), `RandomHeads`,
+`PublishedHeads`, `LayerHeads` (every head of a band of layers) and `WindowHeads` (the band of `width` layers that does
+best on the detection set). A selector says whether it needs detection data, selects its heads for a model, re-selects
+them among the layers a truncation keeps, and names itself.
 """
 
 from __future__ import annotations
@@ -32,10 +33,48 @@ def format_heads(heads: list[Head]) -> str:
     return ",".join(f"{l}-{h}" for l, h in heads)
 
 
-def qrhead_scores(masses: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
-    """Mean attention mass on the positive. masses: (instances, layers, heads, docs)."""
-    idx = pos_index[:, None, None, None]
-    return np.take_along_axis(masses, np.broadcast_to(idx, (*masses.shape[:3], 1)), axis=3)[..., 0].mean(axis=0)
+def positive_values(values: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
+    """values[i, l, h, pos_index[i]] as (instances, layers, heads). values: (instances, layers, heads, docs)."""
+    idx = np.broadcast_to(pos_index[:, None, None, None], (*values.shape[:3], 1))
+    return np.take_along_axis(values, idx, axis=3)[..., 0]
+
+
+def qr_r_scores(masses: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
+    """QR-R (CoRe's Table 1 baseline, its `qr_detector.py`): mean raw attention mass on the positive, no calibration."""
+    return positive_values(masses, pos_index).mean(axis=0)
+
+
+def qrhead_lme_scores(scores: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
+    """QRHead's long-context detection (QRScore, `detect_qrhead_lme.py`): mean over instances of the positive's
+    calibrated, masked score under each head alone. scores: (instances, layers, heads, docs)."""
+    return positive_values(scores.astype(np.float64), pos_index).mean(axis=0)
+
+
+def ndcg_at_10(scores: np.ndarray, gains: np.ndarray, tie_rank: np.ndarray) -> np.ndarray:
+    """nDCG@10 of ranking each instance's documents by `scores` (..., instances, docs), linear gains (trec_eval's
+    ndcg_cut.10); ties broken by `tie_rank` (instances, docs; lower first: trec_eval's descending document id)."""
+    order = np.lexsort((np.broadcast_to(tie_rank, scores.shape), -scores), axis=-1)[..., :10]
+    g = np.take_along_axis(np.broadcast_to(gains, scores.shape), order, axis=-1).astype(np.float64)
+    discount = 1.0 / np.log2(np.arange(2, g.shape[-1] + 2))
+    ideal = (-np.sort(-gains, axis=-1)[..., :10] * discount[:gains[..., :10].shape[-1]]).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num((g * discount).sum(axis=-1) / ideal)
+
+
+def qrhead_beir_scores(scores: np.ndarray, pos_index: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
+    """QRHead's BEIR detection (`detect_qrhead_beir.py`): each head ranks every instance's documents by its calibrated,
+    masked score and is scored by the mean nDCG@10 of those rankings, rounded to 5 decimals as BEIR's evaluation
+    reports it (so heads tie as in the official code; ties: lower layer, then lower head). doc_ids break ties between
+    documents as trec_eval does (descending id); without them, by prompt position."""
+    n_inst, n_docs = scores.shape[0], scores.shape[3]
+    gains = np.zeros((n_inst, n_docs))
+    gains[np.arange(n_inst), pos_index] = 1.0
+    if doc_ids is None:
+        tie_rank = np.broadcast_to(np.arange(n_docs), (n_inst, n_docs))
+    else:
+        tie_rank = np.array([np.argsort(np.argsort(np.array(ids, dtype=str))[::-1]) for ids in doc_ids])
+    per_instance = ndcg_at_10(np.moveaxis(scores.astype(np.float64), 0, 2), gains, tie_rank)  # (layers, heads, inst)
+    return np.round(per_instance.mean(axis=-1), 5)
 
 
 def core_scores(masses: np.ndarray, pos_index: np.ndarray, tau: float) -> np.ndarray:
@@ -43,8 +82,7 @@ def core_scores(masses: np.ndarray, pos_index: np.ndarray, tau: float) -> np.nda
     z = masses.astype(np.float64) / tau
     z -= z.max(axis=3, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=3, keepdims=True))
-    idx = np.broadcast_to(pos_index[:, None, None, None], (*masses.shape[:3], 1))
-    return np.exp(np.take_along_axis(logp, idx, axis=3)[..., 0]).mean(axis=0)
+    return np.exp(positive_values(logp, pos_index)).mean(axis=0)
 
 
 def top_k(scores: np.ndarray, k: int, max_layer: int | None = None) -> list[Head]:
@@ -88,14 +126,23 @@ def layer_stats(heads: list[Head], n_layers: int) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class DetectionTable:
-    """Per-instance attention masses (instances, layers, heads, documents) and the positive's index per instance."""
+    """Per instance, layer, head and document (METHOD.md §4): the raw attention mass (`masses`: CoRe, QR-R, windows)
+    and the calibrated, masked score of the head alone (`scores`: QRHead); the positive's index per instance and the
+    documents' ids (trec_eval's tie-break of QRHead's BEIR nDCG)."""
 
     masses: np.ndarray
     pos_index: np.ndarray
+    scores: np.ndarray | None = None
+    doc_ids: np.ndarray | None = None
 
     @property
     def instances(self) -> int:
         return int(self.masses.shape[0])
+
+    def calibrated(self) -> np.ndarray:
+        if self.scores is None:
+            raise CorexpError("this detection table has no calibrated per-head scores (QRHead needs them)")
+        return self.scores
 
 
 @dataclass(frozen=True)
@@ -106,7 +153,7 @@ class HeadSelection:
     scores: np.ndarray | None = None  # the detection score of every head (layers x heads), when detected
     tau: float | None = None
     instances: int | None = None
-    jaccard_core_qrhead: float | None = None  # overlap of the two metrics' top-k on the same detection data
+    jaccard_core_qrhead: float | None = None  # overlap of CoRe's and QRHead's (long-context) top-k on the same table
     reselected: bool = False  # truncation removed selected heads; re-selected among the kept layers
     metric: str = ""
     window: tuple[int, int] | None = None  # heads=window: the chosen layers [start, end)
@@ -134,6 +181,12 @@ class HeadSelector(Component):
     needs_detection: ClassVar[bool] = False
     uses_every_head: ClassVar[bool] = False
     ignored_hint: ClassVar[str] = ""  # appended when a setting given for `heads` is ignored by this option
+
+    @property
+    def detection_shuffle(self) -> int | None:
+        """The seed of a shuffle of every detection instance's documents this metric's official code applies
+        (QRHead's BEIR driver), None: the instances as built."""
+        return None
 
     def select(self, ctx: SelectionContext) -> HeadSelection:
         raise NotImplementedError
@@ -197,12 +250,14 @@ class DetectedHeads(CountedHeads):
     def select(self, ctx: SelectionContext) -> HeadSelection:
         if ctx.detection is None:
             raise CorexpError(f"heads={self.name} needs detection data")
+        table = ctx.detection
         tau = self.temperature(ctx.model_tau)
-        core = core_scores(ctx.detection.masses, ctx.detection.pos_index, float(tau if tau is not None else ctx.model_tau))
-        qr = qrhead_scores(ctx.detection.masses, ctx.detection.pos_index)
-        scores = self.metric_scores(ctx.detection, tau)
-        return HeadSelection(top_k(scores, self.k), scores, tau, ctx.detection.instances,
-                             jaccard(top_k(core, self.k), top_k(qr, self.k)), metric=self.name)
+        scores = self.metric_scores(table, tau)
+        overlap = None
+        if table.scores is not None:  # CoRe and QRHead (long-context) from the same forward of the same instances
+            core = core_scores(table.masses, table.pos_index, float(tau if tau is not None else ctx.model_tau))
+            overlap = jaccard(top_k(core, self.k), top_k(qrhead_lme_scores(table.scores, table.pos_index), self.k))
+        return HeadSelection(top_k(scores, self.k), scores, tau, table.instances, overlap, metric=self.name)
 
     def reselect(self, selection: HeadSelection, keep: int, ctx: SelectionContext) -> HeadSelection:
         if selection.heads is None or selection.deepest_layer < keep:
@@ -229,18 +284,48 @@ class CoReHeads(DetectedHeads):
         return self.k_label("CoRe", hide) + ("" if "tau" in hide or tau is None else f" τ={tau}")
 
 
+QRHEAD_BEIR_SEED = 42  # detect_qrhead_beir.py: random.seed(42) once, then one shuffle of each instance's documents
+
+
 @dataclass(frozen=True)
 class QRHeads(DetectedHeads):
-    """QRHead: top-k heads by the mean attention mass on the positive."""
+    """QRHead (METHOD.md §4): each head scores the documents as QRHead re-ranks (N/A calibration, its own mean-2σ
+    mask). variant=beir (the official BEIR driver, behind QRHead's BEIR tables): documents of every instance shuffled
+    (seed 42), a head's score is the nDCG@10 of its rankings; variant=lme (the long-context driver, the paper's
+    QRScore): documents as built, a head's score is the mean calibrated score of the positive."""
 
     name: ClassVar[str] = "qrhead"
     k: int = setting(16, ge=1, doc="heads kept: the top-k by the score")
+    variant: str = setting("beir", choices=("beir", "lme"),
+                           doc="beir: nDCG@10 of each head's rankings, shuffled documents (QRHead's BEIR driver); "
+                               "lme: mean calibrated score of the positive (its long-context QRScore)")
+
+    @property
+    def detection_shuffle(self) -> int | None:
+        return QRHEAD_BEIR_SEED if self.variant == "beir" else None
 
     def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
-        return qrhead_scores(table.masses, table.pos_index)
+        if self.variant == "lme":
+            return qrhead_lme_scores(table.calibrated(), table.pos_index)
+        return qrhead_beir_scores(table.calibrated(), table.pos_index, table.doc_ids)
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        return self.k_label("QRHead", hide)
+        return self.k_label("QRHead" if "variant" in hide or self.variant == "beir" else f"QRHead-{self.variant}", hide)
+
+
+@dataclass(frozen=True)
+class QRRHeads(DetectedHeads):
+    """QR-R, the query-focused baseline of CoRe's Table 1 (its `qr_detector.py`): top-k heads by the mean raw attention
+    mass on the positive, one forward with the real query, no calibration (corexp's `heads=qrhead` before 2026-12)."""
+
+    name: ClassVar[str] = "qr_r"
+    k: int = setting(8, ge=1, doc="heads kept: the top-k by the score")
+
+    def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
+        return qr_r_scores(table.masses, table.pos_index)
+
+    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+        return self.k_label("QR-R", hide)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class QueryStats:
     dropped_docs: int = 0
     span_mismatches: int = 0
     cached: bool = False  # the scores came from the read-out cache (no forward ran)
+    degenerate: str = ""  # why the scores carry no ranking (non-finite attention, every score equal); "" when they do
 
 
 @dataclass
@@ -203,14 +204,28 @@ class AttentionReranker:
             cache.hits += 1
             stats.cached = True
             return table
+        table = self._read_table(enc, na, clock)
+        cache.store(key, table)
+        return table
+
+    def _read_table(self, enc: EncodedPrompt, na: EncodedPrompt, clock: _Clock) -> HeadTable:
+        """Every head's token scores s_j of the real and the N/A query over the document tokens j < q_start: one tree
+        forward when the N/A prompt shares the documents' tokens, else a forward of each prompt."""
         real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
-        na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
-        self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
+        if na.q_start == enc.q_start and torch.equal(na.input_ids[0, :enc.q_start], enc.input_ids[0, :enc.q_start]):
+            na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
+            self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
+        else:
+            log.warning("N/A prompt does not share the prefix tokens; running a full calibration pass")
+            na_rec = Readout(None, rows=(na.q_start, na.q_end), past_len=0)
+            self._forward(enc.input_ids, 0, enc.q_end, None, real_rec, clock)
+            self._forward(na.input_ids, 0, na.q_end, None, na_rec, clock)
         labels, real = real_rec.head_matrix()
         _, calib = na_rec.head_matrix()
-        table = HeadTable(labels, real[:, :enc.q_start].float().cpu(), calib[:, :enc.q_start].float().cpu())
+        n = enc.q_start
+        calib = torch.nn.functional.pad(calib[:, :n], (0, max(0, n - calib.shape[1])))
+        table = HeadTable(labels, real[:, :n].float().cpu(), calib.float().cpu())
         clock.close()
-        cache.store(key, table)
         return table
 
     def head_table(self, query: str, docs: list[Document], query_id: str = "") -> tuple[HeadTable, EncodedPrompt, list[int]]:
@@ -226,19 +241,16 @@ class AttentionReranker:
         stats = QueryStats()
         return self._table(enc, na, stats, _Clock(self.lm.device, stats)), enc, order
 
-    @torch.inference_mode()
-    def head_doc_masses(self, query: str, docs: list[Document]) -> tuple[list[Head], torch.Tensor]:
-        """One forward, no calibration: attention mass a_{l,h}(d) of every head on every document (input order)."""
-        enc = self.prompt.encode_plain(self.doc_texts(docs), query)
+    def detection_readout(self, query: str, docs: list[Document]) -> tuple[HeadTable, EncodedPrompt]:
+        """Head detection (METHOD.md §4): every head's real and N/A token scores of one instance's prompt, documents in
+        the given order, from one forward (the tree pass); with the encoded prompt (its document spans)."""
+        texts = self.doc_texts(docs)
+        enc = self.prompt.encode_plain(texts, query)
         if enc.length > self.lm.max_context:
             raise CorexpError(f"detection prompt of {enc.length} tokens exceeds the model context ({self.lm.max_context})")
-        rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
-        with recording(rec):
-            self.lm.model(enc.input_ids.to(self.lm.device), use_cache=False)
-        labels, mat = rec.head_matrix()  # (n_heads, n)
-        csum = torch.nn.functional.pad(mat.cumsum(dim=1), (1, 0))
-        masses = torch.stack([csum[:, b] - csum[:, a] for a, b in enc.doc_spans], dim=1)
-        return labels, masses.cpu()
+        na = self.prompt.encode_plain(texts, self.spec.calibration_query)
+        stats = QueryStats()
+        return self._read_table(enc, na, _Clock(self.lm.device, stats)), enc
 
     # -- public API -----------------------------------------------------------------------------
     def score(self, query: str, docs: list[Document], query_id: str = "") -> Scored:
@@ -255,6 +267,10 @@ class AttentionReranker:
         stats.span_mismatches = len(verify_spans(self.lm.tokenizer, enc))
         c = self.calibrated_scores(enc, [texts[i] for i in order], stats)
         in_prompt = document_scores(c, enc.doc_spans)
+        if not bool(torch.isfinite(c).all()):
+            stats.degenerate = "non-finite attention scores"
+        elif len(in_prompt) > 1 and max(in_prompt) == min(in_prompt):
+            stats.degenerate = f"all {len(in_prompt)} scores equal ({in_prompt[0]:g})"
         scores = [0.0] * len(docs)
         for pos, idx in enumerate(order):
             scores[idx] = in_prompt[pos]

@@ -61,6 +61,7 @@ def log_result(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
                         "forward_passes_mean": float(np.mean([len(s.pass_tokens) for s in stats])),
                         "queries": float(len(res.data.qids)), "dropped_candidates": float(sum(s.dropped_docs for s in stats)),
                         "span_mismatches": float(sum(s.span_mismatches for s in stats)), "kept_layers": float(res.kept_layers),
+                        "degenerate_queries": float(len(res.reranking.degenerate)),
                         "peak_memory_mb": float(res.peak_memory_mb),  # this job's model + re-ranking, above its start
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if torch.cuda.is_available():

@@ -31,6 +31,7 @@ class Reranking:
     rows: list[dict[str, Any]] = field(default_factory=list)
     stats: list[QueryStats] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # queries that ran a forward (a read-out cache hit runs none)
+    degenerate: list[str] = field(default_factory=list)  # queries whose attention scores gave no ranking
 
 
 @dataclass

@@ -61,7 +61,7 @@ def detection(job: Job, eval_qids: list[str], info: ModelInfo) -> DetectionTable
         return AttentionReranker(job.model.load(job.cache), prompt, None, job.model.template)
 
     return job.detection.table(builder, job.first_stage, set(eval_qids), job.cache, model_key(job, info), reranker,
-                               job.options.progress)
+                               job.options.progress, job.heads.detection_shuffle)
 
 
 def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadSelection, int]:
@@ -112,6 +112,10 @@ def rerank_queries(job: Job, data: EvalData, rr: AttentionReranker) -> Reranking
         t0 = time.perf_counter()
         docs = [found[d] for d in ids]
         scored = rr.score(data.ds.queries[qid], docs, qid)
+        if scored.stats.degenerate:
+            out.degenerate.append(qid)
+            log.warning("query %s: %s, no ranking from the attention (it keeps the first-stage order)", qid,
+                        scored.stats.degenerate)
         if not scored.stats.cached:
             out.latencies.append(time.perf_counter() - t0)
         out.stats.append(scored.stats)
@@ -120,6 +124,7 @@ def rerank_queries(job: Job, data: EvalData, rr: AttentionReranker) -> Reranking
         words = [len(text.split()) for text in rr.doc_texts(docs)]  # as the prompt shows them (the length-bias test)
         out.rows += [{"query_id": qid, "doc_id": d, "first_stage_rank": i + 1, "words": words[i],
                       "attention_score": scored.scores[i], "final_score": final[i]} for i, d in enumerate(ids)]
+    job.scoring.check_degenerate(out.degenerate, len(out.stats))
     return out
 
 

@@ -31,12 +31,14 @@ from corexp.tracking.tracker import Store
 MEASURE = "nDCG@10"
 COLUMN = "nDCG_at_10"
 ORDERS = ("retriever", "reversed", "shuffled")
-METHODS = ("ICR", "QRHead-k8", "CoRe-k8", "random-k8", "window-w4", "CoRe-k8 + RRF")
-CHOSEN = ("QRHead-k8", "CoRe-k8", "window-w4")  # head sets chosen on the detection set
+METHODS = ("ICR", "QRHead-k8", "QRHead-lme-k8", "QR-R-k8", "CoRe-k8", "random-k8", "window-w4", "CoRe-k8 + RRF")
+CHOSEN = ("QRHead-k8", "QRHead-lme-k8", "QR-R-k8", "CoRe-k8", "window-w4")  # head sets chosen on the detection set
 DEFAULT_MODELS = ("smollm2", "gemma3", "qwen25coder", "qwen25coder15")
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M", "qwen25coder": "Qwen2.5-Coder-0.5B",
                "qwen25coder15": "Qwen2.5-Coder-1.5B"}
-FAMILY = {"all": "ICR", "core": "CoRe", "qrhead": "QRHead", "random": "random", "window": "window", "layers": "layers"}
+FAMILY = {"all": "ICR", "core": "CoRe", "qrhead": "QRHead", "qr_r": "QR-R", "random": "random", "window": "window",
+          "layers": "layers"}
+DETECTED = ("core", "qrhead", "qr_r", "window")
 README_MARKERS = ("<!-- scaling-reading:start (generated: python -m corexp.studies.scaling --readme) -->",
                   "<!-- scaling-reading:end -->")
 
@@ -46,7 +48,9 @@ def describe(params: dict[str, str]) -> dict:
     random seed, calibration."""
     heads = params.get("heads.name", "")
     family = FAMILY.get(heads, heads)
-    if heads in ("core", "qrhead", "random", "published"):
+    if heads == "qrhead":  # before heads.variant existed, heads=qrhead computed QR-R (uncalibrated mass on the positive)
+        family = {None: "QR-R", "beir": "QRHead", "lme": "QRHead-lme"}.get(params.get("heads.variant"), family)
+    if heads in ("core", "qrhead", "qr_r", "random", "published"):
         family += f"-k{params.get('heads.k')}"
     elif heads == "window":
         family += f"-w{params.get('heads.width')}"
@@ -54,7 +58,7 @@ def describe(params: dict[str, str]) -> dict:
         family += f"[{params.get('heads.start')},{params.get('heads.end')})"
     if params.get("fusion.name", "none") == "rrf":
         family += " + RRF"
-    detects = heads in ("core", "qrhead", "window")
+    detects = heads in DETECTED
     fold, seed = params.get("detection.fold"), params.get("heads.seed")
     return {"family": family, "order": params.get("prompt.doc_order.name", "retriever"),
             "fold": int(fold) if detects and fold not in (None, "None") else None,
@@ -82,7 +86,7 @@ class Study:
     def runs(self, model: str, family: str, order: str = "retriever", fold: int | None = 0, calibrated: bool = True) -> pd.DataFrame:
         g = self.df[(self.df["model"] == model) & (self.df["family"] == family) & (self.df["order"] == order)
                     & (self.df["calibrated"] == calibrated)]
-        if family.startswith(("CoRe", "QRHead", "window")):
+        if family.startswith(("CoRe", "QRHead", "QR-R", "window")):
             g = g[g["fold"] == fold]
         return g
 
@@ -405,7 +409,8 @@ def figure(study: Study, path: Path) -> Path:
         fs = [study.first_stage_mean(m) for m in models]
         if fs:
             ax.axhline(100 * fs[0], color="black", ls="--", lw=1, label="BM25 (first stage)")
-        for f, style in (("ICR", "s-"), ("QRHead-k8", "^-"), ("CoRe-k8", "o-"), ("window-w4", "v-"), ("CoRe-k8 + RRF", "D:")):
+        for f, style in (("ICR", "s-"), ("QRHead-k8", "^-"), ("QR-R-k8", "x:"), ("CoRe-k8", "o-"), ("window-w4", "v-"),
+                         ("CoRe-k8 + RRF", "D:")):
             if order != "retriever" and f == "CoRe-k8 + RRF":
                 continue
             pts = [(s, 100 * np.mean(study.means(m, f, order))) for m, s in zip(models, x) if study.means(m, f, order)]
