@@ -127,6 +127,26 @@ def test_liveness_cannot_be_fooled_by_pid_reuse_or_a_shared_host_name():
     assert not is_alive({"host": here.host, "pid": str(os.getpid())}, (now - 700) * 1000, 600, now, here)  # no heartbeat
 
 
+def test_liveness_never_trusts_a_foreign_clock_or_a_malformed_heartbeat(caplog):
+    """A heartbeat stamped an hour in the reader's future (the other host's clock runs ahead) counts from when the
+    reader first saw it: alive now, stale once that value has not changed for stale_after_s by the reader's clock, alive
+    again when it changes. A heartbeat that is not a number is stale, with one warning line."""
+    from corexp.tracking.liveness import ProcessId, is_alive
+
+    here, now = ProcessId.current(), time.time()
+    foreign = {**here.tags(), "boot_id": "another-machine", "heartbeat": str(now + 3600)}
+    old = (now - 9999) * 1000
+    assert is_alive(foreign, old, 30, now, here, run_id="r1")
+    assert is_alive(foreign, old, 30, now + 29, here, run_id="r1")
+    assert not is_alive(foreign, old, 30, now + 31, here, run_id="r1")  # before: alive for an hour and 30 s
+    assert is_alive({**foreign, "heartbeat": str(now + 3630)}, old, 30, now + 31, here, run_id="r1")  # it beat again
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert not is_alive({**foreign, "heartbeat": "soon"}, old, 600, now, here, run_id="r2")
+    assert [r.getMessage() for r in caplog.records].count(
+        "run r2 has a malformed heartbeat tag 'soon'; it counts as stale") == 1
+
+
 def test_waiting_for_another_run_has_a_limit_and_says_so(tmp_path):
     from corexp.errors import CorexpError
     from corexp.tracking.liveness import ProcessId

@@ -50,6 +50,9 @@ def main() -> None:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from corexp import callbacks
+
+    callbacks.record_job()
     try:
         from corexp.job import Job
 

@@ -1,13 +1,17 @@
 """Hydra callback: one MLflow parent run per sweep; its id is written to the sweep folder for every job to read.
 
-A job that fails inside a sweep records its one-line reason in `<sweep folder>/failed/` (any launcher: the jobs may run
-in other processes or on other nodes) and the sweep goes on; at the end the callback closes the parent run as FAILED
-with a `failure` tag counting them, or FINISHED, and leaves the count in SWEEP_FAILURES for the CLI's exit code.
+A job that fails inside a sweep records its one-line reason in `<sweep folder>/failed/<parent run id>/` (any launcher:
+the jobs may run in other processes or on other nodes) and the sweep goes on; at the end the callback closes the parent
+run as FAILED with a `failure` tag counting them, or FINISHED, and leaves the count in SWEEP_FAILURES for the CLI's exit
+code. A sweep folder used before (an explicit `hydra.sweep.dir`), or by two sweeps at once, stays each sweep's own: the
+parent's id also travels to the jobs in the COREXP_SWEEP_PARENT environment variable (launchers pass the environment
+on), failures are kept per parent, and each sweep closes the parent it opened.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,23 +24,50 @@ from corexp.tracking.liveness import ProcessId, is_alive
 PARENT_FILE = "mlflow_parent_run_id"
 SWEPT_FILE = "swept_keys.json"
 FAILED_DIR = "failed"
+JOBS_DIR = "jobs"
+PARENT_ENV = "COREXP_SWEEP_PARENT"
 SWEEP_FAILURES: tuple[int, int] | None = None  # (failed jobs, jobs) of the last sweep this process ran
 
 
-def record_failure(line: str) -> bool:
-    """In a sweep, write the failed job's one-line reason into the sweep folder and return True; outside one, False."""
+def _sweep_folder(kind: str) -> tuple[Path, Any] | None:
+    """<sweep folder>/<kind>/<parent run id> of this process's sweep job, and Hydra's config (None: not in a sweep)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
     except ValueError:
-        return False
+        return None
     if hc.mode.name != "MULTIRUN":
-        return False
-    folder = Path(hc.sweep.dir) / FAILED_DIR
+        return None
+    folder = Path(hc.sweep.dir) / kind / str(sweep_parent(Path(hc.sweep.dir), "unknown"))
     folder.mkdir(parents=True, exist_ok=True)
+    return folder, hc
+
+
+def record_job() -> None:
+    """In a sweep, mark this job as one of its sweep's (the parent counts its own jobs in a reused folder)."""
+    where = _sweep_folder(JOBS_DIR)
+    if where is not None:
+        (where[0] / str(where[1].job.num)).touch()
+
+
+def record_failure(line: str) -> bool:
+    """In a sweep, write the failed job's one-line reason into the sweep folder and return True; outside one, False."""
+    where = _sweep_folder(FAILED_DIR)
+    if where is None:
+        return False
+    folder, hc = where
     (folder / f"{hc.job.num}.txt").write_text(f"{' '.join(hc.overrides.task)}\n{line}\n")
     return True
+
+
+def sweep_parent(sweep_dir: Path, default: str | None = None) -> str | None:
+    """The parent run of the sweep this process belongs to: the environment's (set by the sweep's own callback), else
+    the sweep folder's file (a launcher that did not pass the environment on)."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    path = sweep_dir / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else default
 
 
 def _tracker(config: DictConfig) -> Any:
@@ -54,6 +85,9 @@ def _tracker(config: DictConfig) -> Any:
 
 
 class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracker = _tracker(config)
         fail_killed_sweeps(tracker)
@@ -69,6 +103,8 @@ class MlflowSweepCallback(Callback):
             tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
                   **{f"sweep_{k}": v for k, v in ProcessId.current().tags().items()}, "heartbeat": f"{time.time():.0f}"},
         )
+        self.run_id = run.info.run_id
+        os.environ[PARENT_ENV] = run.info.run_id
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         (sweep_dir / SWEPT_FILE).write_text(json.dumps(keys))
 
@@ -76,13 +112,16 @@ class MlflowSweepCallback(Callback):
         global SWEEP_FAILURES
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        failed = sorted((sweep_dir / FAILED_DIR).glob("*.txt")) if (sweep_dir / FAILED_DIR).is_dir() else []
-        jobs = sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        run_id = self.run_id or sweep_parent(sweep_dir)
+        own = sweep_dir / FAILED_DIR / str(run_id)
+        failed = sorted(own.glob("*.txt")) if own.is_dir() else []
+        mine = sweep_dir / JOBS_DIR / str(run_id)  # this sweep's jobs (a reused folder keeps older sweeps' too)
+        jobs = sum(1 for _ in mine.iterdir()) if mine.is_dir() else 0
         SWEEP_FAILURES = (len(failed), max(jobs, len(failed))) if failed else None
-        path = sweep_dir / PARENT_FILE
-        if path.is_file():
+        if os.environ.get(PARENT_ENV) == run_id:
+            del os.environ[PARENT_ENV]
+        if run_id:
             tracker = _tracker(config)
-            run_id = path.read_text().strip()
             if failed:
                 tracker.client.set_tag(run_id, "failure", f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " +
                                        "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]))

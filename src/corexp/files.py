@@ -80,3 +80,46 @@ def stable_key(*parts: Any) -> str:
     """A short hash of JSON-serialisable parts: cache keys that change when any input changes."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+MEMO_FIELDS = ("path", "size", "mtime_ns", "inode", "ctime_ns")
+_SHA256: dict[tuple[Any, ...], str] = {}
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_sha256(path: Path, memo_dir: Path | None = None, hash_file: Callable[[Path], str] = _hash) -> str:
+    """sha256 of a file's bytes, memoised per process and, with memo_dir, across processes (<memo_dir>/digests) by path,
+    size, mtime, inode and ctime. Any write changes the ctime, which no user can set back (`touch -r`, `rsync -t` and
+    equal-size edits restore the mtime only), and a replaced file has another inode: any change is hashed again."""
+    st = Path(path).stat()
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if memo not in _SHA256:
+        stored = _stored_sha256(memo, memo_dir)
+        _SHA256[memo] = stored or hash_file(Path(path))
+        if memo_dir is not None and stored is None:
+            with contextlib.suppress(OSError, CorexpError):  # a read-only cache only costs a re-read next time
+                atomic_write_json(_memo_path(memo, memo_dir), {**dict(zip(MEMO_FIELDS, memo)), "sha256": _SHA256[memo]})
+    return _SHA256[memo]
+
+
+def _memo_path(memo: tuple[Any, ...], memo_dir: Path) -> Path:
+    return Path(memo_dir) / "digests" / (hashlib.sha256(memo[0].encode()).hexdigest()[:24] + ".json")
+
+
+def _stored_sha256(memo: tuple[Any, ...], memo_dir: Path | None) -> str | None:
+    if memo_dir is None:
+        return None
+    try:
+        stored = json.loads(_memo_path(memo, memo_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or [stored.get(k) for k in MEMO_FIELDS] != list(memo):
+        return None
+    return stored.get("sha256")

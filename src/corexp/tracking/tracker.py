@@ -47,8 +47,9 @@ class TrackingSpec(Component):
     run_name: str | None = setting(None, null="named for what it computes", doc="run name")
     stale_after_s: float = setting(600.0, gt=0, doc="a RUNNING run whose process cannot be checked (another machine or pid "
                                                     "namespace) is failed after this long without a heartbeat")
-    wait_limit_s: float = setting(86400.0, gt=0, doc="the longest a job waits for another process's run of the same "
-                                                     "identity before it gives up")
+    wait_limit_s: float = setting(21600.0, gt=0, doc="the longest a job waits for another process's run of the same "
+                                                     "identity before it gives up (6 h: the longest job of the shipped "
+                                                     "models on a CPU is about 2 h)")
 
     def open(self) -> Tracker:
         """The tracker of this store and experiment, created where they do not exist yet."""
@@ -217,7 +218,7 @@ class Tracker:
 
     # -- liveness ---------------------------------------------------------------------------------------------
     def alive(self, run: StoredRun) -> bool:
-        return is_alive(run.tags, run.start_ms, self.spec.stale_after_s, here=self.here)
+        return is_alive(run.tags, run.start_ms, self.spec.stale_after_s, here=self.here, run_id=run.run_id)
 
     def fail_stale_runs(self) -> int:
         """RUNNING job runs of the experiment whose process is provably gone (killed jobs): FAILED, with the reason."""
