@@ -1,13 +1,27 @@
 """Nothing silent (issue: verified caches, degenerate scores, reused sweep folders, content fingerprints, user files):
 each case ends in one line and a non-zero exit, or in the right result, never in a FINISHED run with a wrong one."""
 
+import contextlib
 import json
 import os
-import shutil
+import subprocess
 
 import mlflow
+import pytest
+from test_cli_errors import assert_one_line, beir, run, tiny_model
 
-from test_cli_errors import assert_one_line, beir, env, run, tiny, tiny_model  # noqa: F401 - fixtures
+from tiny_models import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    return {**os.environ, "COREXP_ROOT": str(root), "COREXP_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
 
 
 def test_a_reused_sweep_folder_does_not_carry_old_failures(tmp_path, tiny, env):
@@ -84,3 +98,62 @@ def test_degenerate_attention_scores_fail_the_run(tmp_path, tiny, env):
     mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=["deg"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"] and "degenerate" in runs[0].data.tags["failure"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root, as CI runs): filled, or remounted read-only, by the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_or_read_only_disk_under_the_store_is_one_line(small_disk, tmp_path, tiny, env):
+    """An existing store and a new one on a full disk, and a store on a read-only one: the store's path, what is wrong
+    and the fix in one line, exit 2, no MLflow traceback (it logs two before raising)."""
+    args = [*tiny_model(tiny), f"data.local_dir={beir(tmp_path / 'data')}"]
+    first, out = run([*args, f"tracking.uri=sqlite:///{small_disk}/m.db"], env)
+    assert first.returncode == 0, out[-3000:]
+    with open(small_disk / "fill", "wb") as fh, contextlib.suppress(OSError):  # fill the disk
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    for db in ("m.db", "new.db"):
+        proc, out = run([*args, "data.max_queries=2", f"tracking.uri=sqlite:///{small_disk}/{db}"], env)
+        assert_one_line(proc, out, f"the MLflow store {small_disk}/{db} cannot be written: the disk is full", code=2)
+    (small_disk / "fill").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    proc, out = run([*args, "data.max_queries=2", f"tracking.uri=sqlite:///{small_disk}/m.db"], env)
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "cannot be written: it is read-only" in out.splitlines()[-1] or "not writable" in out.splitlines()[-1], out
+
+
+def test_ctrl_c_is_an_interruption_not_an_internal_error():
+    from corexp.errors import one_line
+
+    assert one_line(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+
+
+def test_the_report_clis_fail_in_one_line(tmp_path, env):
+    """The report and the studies' CLIs handle errors as the job CLI does: a store file that is not a database, an
+    output folder that cannot be created, an absent store; one line each, non-zero exit, no traceback."""
+    (tmp_path / "notdb.db").write_text("not a database\n")
+    for module in ("corexp.report", "corexp.studies.scaling"):
+        proc, out = run(["--tracking-uri", f"sqlite:///{tmp_path}/notdb.db"], env, module=module)
+        assert proc.returncode != 0 and "Traceback" not in out and len(out.splitlines()) == 1, out[-3000:]
+        assert "is not an SQLite database" in out or "no MLflow store" in out, out
+    proc, out = run(["--report", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], env, module="corexp.studies.atlas")
+    assert proc.returncode == 2 and out.startswith("corexp.atlas: error:") and len(out.splitlines()) == 1, out
+
+
+def test_the_report_names_an_output_folder_it_cannot_create(tmp_path, tiny, env):
+    store = f"sqlite:///{tmp_path}/m.db"
+    proc, out = run([*tiny_model(tiny), f"data.local_dir={beir(tmp_path / 'data')}", f"tracking.uri={store}"], env)
+    assert proc.returncode == 0, out[-3000:]
+    (tmp_path / "file").write_text("x")
+    proc, out = run(["--tracking-uri", store, "--out", f"{tmp_path}/file/sub/report.md"], env, module="corexp.report")
+    assert proc.returncode == 1 and "Traceback" not in out and out.splitlines()[-1].startswith("corexp.report: error:"), out
+    assert f"{tmp_path}/file" in out.splitlines()[-1], out

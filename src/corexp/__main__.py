@@ -53,6 +53,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from corexp import callbacks
 
     callbacks.record_job()
+    if not cfg.get("debug"):  # MLflow logs a store's write error with two tracebacks before raising it; corexp says it in one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         from corexp.job import Job
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from corexp.data.evaluation import metric_key, parse_measures
-from corexp.errors import CorexpError
+from corexp.errors import CorexpError, cli_main
 from corexp.job import Labels
 from corexp.locations import project_root
 from corexp.tracking.identity import code_digest
@@ -402,15 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's artifact is noise here
     experiments = args.experiment or ["corexp"]
     out = Path(args.out) if args.out else project_root() / "reports" / "_".join(experiments)
-    try:
+
+    def body() -> None:
         written, markdown = write_report(args.tracking_uri, experiments, out, args.measure, args.baseline, args.vs,
                                          args.expect)
         print(markdown)
         print("\nwritten:", *written, sep="\n  ")
-    except CorexpError as err:
-        print(f"corexp.report: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_main("corexp.report", body)
 
 
 if __name__ == "__main__":

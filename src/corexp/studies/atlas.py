@@ -30,7 +30,7 @@ from corexp.components.heads import Head, HeadSelection
 from corexp.config import compose_config
 from corexp.data.evaluation import evaluate
 from corexp.engine.scoring import document_scores, rank, trec_scores
-from corexp.errors import CorexpError
+from corexp.errors import CorexpError, cli_main
 from corexp.files import stable_key
 from corexp.job import Job
 from corexp.locations import project_root
@@ -325,19 +325,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=8, help="heads of the oracle top-k (an upper bound)")
     ap.add_argument("--experiment", default="atlas")
     ap.add_argument("--report", action="store_true", help="write the Markdown report of the experiment's atlas runs")
-    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="the store the atlas is logged to and read from (default: tracking.uri of the overrides, "
+                         "the project's mlflow.db)")
     ap.add_argument("--out", default=str(project_root() / "docs" / "atlas.md"))
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+
+    def body() -> None:
         if args.report:
-            print(report(args.tracking_uri, args.experiment, Path(args.out)))
-        else:
-            run(args.overrides, tuple(args.widths), args.k, args.experiment)
-    except CorexpError as err:
-        print(f"corexp.atlas: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            print(report(args.tracking_uri or f"sqlite:///{project_root()}/mlflow.db", args.experiment, Path(args.out)))
+        else:  # the same store for building and for --report
+            uri = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+            run([*args.overrides, *uri], tuple(args.widths), args.k, args.experiment)
+
+    return cli_main("corexp.atlas", body)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from corexp.errors import CorexpError
+from corexp.errors import cli_main
 from corexp.locations import project_root
 from corexp.report.tables import holm, load_runs, per_query_or_none
 from corexp.tracking.tracker import Store
@@ -519,16 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", action="store_true", help="also rewrite the README's reading between its markers")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+
+    def body() -> None:
         written, md, said = write(args.tracking_uri, args.experiment, Path(args.out), args.models.split(","))
         if args.readme:
             update_readme(said, project_root() / "README.md")
-    except CorexpError as err:
-        print(f"corexp.scaling: error: {err}", file=sys.stderr)
-        return 2
-    print(md)
-    print("\nwritten:", *written, sep="\n  ")
-    return 0
+        print(md)
+        print("\nwritten:", *written, sep="\n  ")
+
+    return cli_main("corexp.scaling", body)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from corexp.errors import CorexpError, one_line
+from corexp.errors import CorexpError, one_line, storage_problem
 from corexp.settings import Component, setting
 from corexp.tracking.identity import Identity
 from corexp.tracking.liveness import HEARTBEAT_S, ProcessId, is_alive
@@ -59,6 +59,15 @@ class TrackingSpec(Component):
 def experiment_tags() -> dict[str, str]:
     view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": VIEW_COLUMNS[1], "orderByAsc": False}
     return {EXPERIMENT_KIND_TAG: "custom_model_development", f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
+def store_full(err: BaseException, uri: str) -> None:
+    """Raise the one line for a store the OS or SQLite will not write (full disk, read-only, no permission)."""
+    problem = storage_problem(err)
+    if problem is not None and not uri.startswith(("http://", "https://")):
+        db = _sqlite_path(uri)
+        raise CorexpError(f"the MLflow store {db or uri} cannot be written: {problem[0]}; free space on its disk or make "
+                          "it writable, or set tracking.uri to a store elsewhere") from None
 
 
 def check_server(uri: str, attempts: int = 3, timeout_s: float = 10.0) -> None:
@@ -182,6 +191,7 @@ class Tracker:
                 exp = mlflow.set_experiment(spec.experiment)
             except Exception as err:
                 text = str(err)
+                store_full(err, uri)
                 if any(code in text for code in ("401", "403", "Unauthorized", "Forbidden", "Permission denied")):
                     who = os.environ.get("MLFLOW_TRACKING_USERNAME")
                     raise CorexpError(f"MLflow tracking server {uri} refused "
@@ -242,7 +252,11 @@ class Tracker:
                 log.info("skipping: run %s already FINISHED this config with this code (force=true reruns it)", done[0].run_id)
                 return Claim(finished=done[0])
             self._say_why(previous, ident)
-            active = self._start(request)
+            try:
+                active = self._start(request)
+            except Exception as err:
+                store_full(err, self.spec.uri)
+                raise
             if force:
                 return Claim(run=active)
             now = [r for r in self.identity_runs(ident.config_hash) if r.code_digest == ident.code_digest]
