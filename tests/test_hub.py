@@ -119,3 +119,4 @@ def test_gated_files_after_a_passing_auth_check_end_in_one_line(hub, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=180)
     line = error_line(proc)
     assert "'org/gated-files' is gated" in line and "accept its licence" in line, proc.stderr[-2000:]
+    assert "set model.path=<local folder>" in line and "hf_id.path" not in line, line

@@ -157,3 +157,100 @@ def test_the_report_names_an_output_folder_it_cannot_create(tmp_path, tiny, env)
     proc, out = run(["--tracking-uri", store, "--out", f"{tmp_path}/file/sub/report.md"], env, module="corexp.report")
     assert proc.returncode == 1 and "Traceback" not in out and out.splitlines()[-1].startswith("corexp.report: error:"), out
     assert f"{tmp_path}/file" in out.splitlines()[-1], out
+
+
+@pytest.mark.slow
+def test_a_damaged_model_cache_is_converted_again_never_used(tmp_path):
+    """4 KiB of random bytes in the middle of the converted SmolLM2 weights (which gave every attention score 0.0 and a
+    FINISHED run before): `python -m corexp.verify_cache` names the file and exits 1; the next job converts the model
+    again from its pinned GGUF with one line saying so and finishes on intact weights."""
+    import shutil
+    import sys
+
+    from corexp.engine.models import converted_checkpoint
+
+    from helpers import build_job
+
+    job = build_job(["model=smollm2"])
+    folder, sha = converted_checkpoint(job.model, job.cache)  # the suite's shared cache: converted once
+    cache = tmp_path / "cache"
+    shutil.copytree(folder, cache / "models" / folder.name)
+    shutil.copytree(job.cache / "gguf" / sha[:16], cache / "gguf" / sha[:16])
+    weights = cache / "models" / folder.name / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.seek(weights.stat().st_size // 2)
+        fh.write(os.urandom(4096))
+    env = {**os.environ, "COREXP_CACHE": str(cache), "COREXP_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    verify = subprocess.run([sys.executable, "-m", "corexp.verify_cache", "--cache", str(cache)], capture_output=True,
+                            text=True, env=env)
+    assert verify.returncode == 1 and "model.safetensors is damaged" in verify.stdout, verify.stdout + verify.stderr
+    proc = subprocess.run([sys.executable, "-m", "corexp", "heads=random", "heads.k=2", "data.max_queries=1",
+                           "progress=false"], capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "model.safetensors is damaged" in out and "converting it again" in out, out[-3000:]
+    again = subprocess.run([sys.executable, "-m", "corexp.verify_cache", "--cache", str(cache)], capture_output=True,
+                           text=True, env=env)
+    assert again.returncode == 0 and again.stdout.strip() == f"{folder.name}: ok", again.stdout
+
+
+def test_an_offline_hub_cache_without_weights_names_offline_mode_and_the_cache(tmp_path, tiny, env):
+    """Only config.json of a Hub model in the cache and HF_HUB_OFFLINE=1: the line says that the weights are missing,
+    that offline mode forbids fetching them, and where the cache is."""
+    import shutil
+
+    snap = tmp_path / "hf" / "hub" / "models--org--partial" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    shutil.copy(tiny / "config.json", snap / "config.json")
+    (tmp_path / "hf" / "hub" / "models--org--partial" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--org--partial" / "refs" / "main").write_text("0" * 40)
+    args = ["model.hf_id=org/partial", "model.gguf=null", "model.template=plain", "model.name=partial", "heads=all",
+            "data.max_queries=1", "first_stage.depth=2", "progress=false", f"data.local_dir={beir(tmp_path / 'data')}"]
+    proc, out = run(args, {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert_one_line(proc, out, "holds only part of org/partial (no weights)", "HF_HUB_OFFLINE is set",
+                    f"{tmp_path / 'hf'}/hub", code=2)
+
+
+def test_flipped_bytes_in_data_files_or_the_store_end_in_one_line_or_an_honest_rerun(tmp_path_factory, tiny, env):
+    """A property over corrupted inputs: a byte of a data file (corpus, queries, qrels, run) or of the MLflow store set to
+    a drawn value, then the job run again. Either it stops in one line with a non-zero exit and no traceback, or it
+    finishes on the data as it now is (a new content fingerprint, never the old FINISHED result skipped into place)."""
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = tmp_path_factory.mktemp("flip-base")
+    beir(base / "data")
+    first, out = run([*tiny_model(tiny), f"data.local_dir={base}/data", f"tracking.uri=sqlite:///{base}/m.db",
+                      "tracking.experiment=flip"], env)
+    assert first.returncode == 0, out[-2000:]
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(target=st.sampled_from(["corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "run.trec", "store"]),
+           where=st.floats(0, 1, exclude_max=True), value=st.integers(0, 255))
+    def check(target, where, value):
+        tmp = tmp_path_factory.mktemp("flip")
+        shutil.copytree(base / "data", tmp / "data")
+        shutil.copy(base / "m.db", tmp / "m.db")
+        folder, store = tmp / "data", f"sqlite:///{tmp}/m.db"
+        args = [*tiny_model(tiny), f"data.local_dir={folder}", f"tracking.uri={store}", "tracking.experiment=flip"]
+        path = tmp / "m.db" if target == "store" else folder / target
+        data = bytearray(path.read_bytes())
+        at = int(where * len(data))
+        if data[at] == value:
+            return
+        data[at] = value
+        path.write_bytes(bytes(data))
+        proc, out = run(args, env)
+        if proc.returncode != 0:
+            lines = [line for line in out.splitlines() if line.strip()]
+            assert "Traceback" not in out and lines[-1].startswith("corexp: error:"), (target, at, value, out[-2000:])
+            return
+        assert target != "store" or "skipped" in out, (at, value, out[-2000:])  # the store's data survived the flip
+        if target != "store":
+            mlflow.set_tracking_uri(store)
+            prints = {r.data.tags.get("data_fingerprint") for r in mlflow.search_runs(experiment_names=["flip"],
+                                                                                     output_format="list")}
+            assert "corexp: skipped" not in out and len(prints) == 2, (target, at, value, out[-2000:])
+
+    check()

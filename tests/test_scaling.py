@@ -167,4 +167,4 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     assert "a × ICR, shuffled order" in gaps and "a × CoRe-k8, retriever order, no N/A calibration" in gaps
     assert "a × ICR, retriever order, no N/A calibration" not in gaps
     assert not any(g.startswith("a × CoRe-k8, shuffled") or g.startswith("a × ICR, reversed") for g in gaps)
-    assert sum(g.startswith("b × ") for g in gaps) == 6 + 3 + 8 + 4  # model b has no run at all
+    assert sum(g.startswith("b × ") for g in gaps) == len(scaling.METHODS) + 3 + 8 + 4  # model b has no run at all

@@ -42,7 +42,7 @@ def one_line(err: BaseException) -> str:
         return str(err)
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
-    if "file is not a database" in str(err):
+    if "file is not a database" in str(err) or "database disk image is malformed" in str(err):
         return "the MLflow store is not an SQLite database (another file, or a damaged store): check the tracking URI"
     problem = storage_problem(err)
     if problem is None and isinstance(err, OSError) and err.filename:

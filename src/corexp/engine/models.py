@@ -279,10 +279,17 @@ def loading(spec: ModelSpec, source: str, desc: str) -> Iterator[None]:
         if hub_err is not None:  # transformers re-raises the Hub's error as an OSError: explain the original
             from corexp.engine import hub
 
-            raise CorexpError(hub.explain(hub_err, spec.hf_id, "model.hf_id")) from None
+            raise CorexpError(hub.explain(hub_err, spec.hf_id, "model")) from None
         if type(err).__name__ == "SafetensorError" or "deserializ" in first:
             raise CorexpError(f"model '{spec.name}': a safetensors file in {source} is damaged ({first}); "
                               f"{_fix(spec, source)}") from None
+        if desc.startswith("hf:") and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and (
+                "no file named" in first or "does not appear to have" in first or "offline" in first.lower()):
+            from corexp.engine import hub
+
+            raise CorexpError(f"model '{spec.name}': the Hugging Face cache holds only part of {spec.hf_id} (no weights) "
+                              f"and HF_HUB_OFFLINE is set, so the rest cannot be downloaded; "
+                              f"{hub._fixes(spec.hf_id, 'model')}") from None
         if "no file named" in first or "does not appear to have" in first:
             raise CorexpError(f"model '{spec.name}': {source} has no weights ({first}); point model.path at a transformers "
                               "folder holding config.json, *.safetensors and the tokenizer files") from None

@@ -99,6 +99,10 @@ def per_query(store: Store, row: Any, cache: dict) -> pd.DataFrame:
     if run_id not in cache:
         table = pd.read_csv(store.artifact(run_id, "per_query.csv"), dtype={"query_id": str}).set_index("query_id")
         expected = row.get("queries")
+        repeated = table.index[table.index.duplicated()]
+        if len(repeated):
+            raise ValueError(f"per_query.csv lists query {repeated[0]} {int((table.index == repeated[0]).sum())} times "
+                             "(an edited or concatenated table)")
         if expected is not None and expected == expected and len(table) != int(expected):
             raise ValueError(f"per_query.csv has {len(table)} queries, the run evaluated {int(expected)} (a cut table)")
         cache[run_id] = table
