@@ -254,3 +254,30 @@ def test_flipped_bytes_in_data_files_or_the_store_end_in_one_line_or_an_honest_r
             assert "corexp: skipped" not in out and len(prints) == 2, (target, at, value, out[-2000:])
 
     check()
+
+
+def test_two_sweeps_at_once_on_one_explicit_folder_both_close_their_parents(tmp_path, tiny, env):
+    import sys
+
+    store = f"sqlite:///{tmp_path}/s.db"
+    good = beir(tmp_path / "good")
+    args = ["-m", *tiny_model(tiny), f"tracking.uri={store}", "tracking.experiment=twice", f"data.local_dir={good}",
+            f"hydra.sweep.dir={tmp_path}/shared"]
+    procs = [subprocess.Popen([sys.executable, "-m", "corexp", *args, f"data.max_queries={n}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in ("1,2", "1")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    mlflow.set_tracking_uri(store)
+    parents = [r for r in mlflow.search_runs(experiment_names=["twice"], output_format="list")
+               if r.data.tags.get("sweep") == "parent"]
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "FINISHED"], [p.info for p in parents]
+
+
+def test_the_atlas_builds_into_the_store_it_is_given(monkeypatch):
+    """`python -m corexp.studies.atlas --tracking-uri X model=...` logs to X (before: only --report read X)."""
+    from corexp.studies import atlas
+
+    seen = []
+    monkeypatch.setattr(atlas, "run", lambda overrides, widths, k, experiment: seen.append(overrides))
+    assert atlas.main(["model=smollm2", "--tracking-uri", "sqlite:////elsewhere/m.db"]) == 0
+    assert seen == [["model=smollm2", "tracking.uri=sqlite:////elsewhere/m.db"]]

@@ -168,3 +168,30 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     assert "a × ICR, retriever order, no N/A calibration" not in gaps
     assert not any(g.startswith("a × CoRe-k8, shuffled") or g.startswith("a × ICR, reversed") for g in gaps)
     assert sum(g.startswith("b × ") for g in gaps) == len(scaling.METHODS) + 3 + 8 + 4  # model b has no run at all
+
+
+def test_old_qrhead_runs_are_qr_r_and_the_qrhead_report_recomputes_its_tests(store, monkeypatch):
+    """A heads=qrhead run without heads.variant (corexp before the QRHead fix) computed QR-R and is read as QR-R-k8;
+    the two official variants are QRHead-k8 and QRHead-lme-k8. docs/qrhead.md's cells and Holm tests by hand."""
+    from corexp.studies import qrhead
+
+    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8"})["family"] == "QR-R-k8"
+    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8", "heads.variant": "beir"})["family"] == "QRHead-k8"
+    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8", "heads.variant": "lme"})["family"] == "QRHead-lme-k8"
+    assert scaling.describe({"heads.name": "qr_r", "heads.k": "8"})["family"] == "QR-R-k8"
+    _, new = store.add("a", "qrhead", extra={"heads.variant": "beir", "selected_heads": "17-3,23-2,0-1"}, shift=0.04)
+    store.add("a", "qrhead", extra={"heads.variant": "lme", "selected_heads": "21-8,23-2"})
+    study = store.study(monkeypatch, ["a", "b"])
+    table, tests, heads, missing = qrhead.tables(study)
+    assert table.loc["QRHead-k8", "a"] == f"{100 * new.mean():.1f}"
+    assert table.loc["QR-R-k8", "a"] == f"{100 * store.rows[3]['metrics'][COL]:.1f}"  # r3: heads=qrhead, no variant
+    icr = store.per_query["r0"][COL]
+    raw = {(x, y): ttest_rel(store.per_query[rx][COL], store.per_query[ry][COL]).pvalue
+           for (x, rx), (y, ry) in [(("QRHead-k8", "r19"), ("ICR", "r0")), (("QRHead-k8", "r19"), ("QR-R-k8", "r3"))]}
+    got = tests[(tests.model == "a") & (tests["head set"] == "QRHead-k8") & (tests.against == "ICR")].iloc[0]
+    assert got["difference × 100"] == round(100 * float((new - icr).mean()), 1)
+    assert float(got["p (Holm)"]) >= raw[("QRHead-k8", "ICR")] - 1e-12  # Holm never lowers a p-value
+    rows = heads.set_index("head set")
+    assert rows.loc["QRHead-k8", "in layer 0"] == 1 and rows.loc["QR-R-k8", "in layer 0"] == 2
+    assert rows.loc["QRHead-k8", "Jaccard with CoRe-k8"] == round(2 / 9, 2)  # {17-3, 23-2} of 9 distinct heads
+    assert "b × QRHead-k8" in missing and "a × QRHead-k8" not in missing
