@@ -16,7 +16,7 @@ def test_paper_core_resolves_to_the_papers_setting():
     det = cfg.detection
     assert (det.name, det.num_queries, det.num_negatives, det.positions) == ("nq-train", 1000, 49, 5)
     params = cfg.hydra.sweeper.params
-    assert params.model == "mistral,llama,granite" and params.heads == "all,qrhead,core"
+    assert params.model == "mistral,llama,granite" and params.heads == "all,qr_r,core"
     data = params.data.split(",")
     groups = {"cqadupstack" if d.startswith("cqadupstack-") else d for d in data}
     assert len(groups) == 17 and groups == set(BEIR_15) | {"dl19", "dl20"}
