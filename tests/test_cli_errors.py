@@ -4,25 +4,9 @@ traceback (at most 4 lines of output in all), through the real CLI (`python -m c
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
-
-import pytest
-
-from tiny_models import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
-    return {**os.environ, "COREXP_ROOT": str(root), "COREXP_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
 
 
 def tiny_model(tiny):

@@ -10,19 +10,6 @@ import mlflow
 import pytest
 from test_cli_errors import assert_one_line, beir, run, tiny_model
 
-from tiny_models import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
-    return {**os.environ, "COREXP_ROOT": str(root), "COREXP_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-
 
 def test_a_reused_sweep_folder_does_not_carry_old_failures(tmp_path, tiny, env):
     """An explicit hydra.sweep.dir used by a failing sweep and then by a good one: the good sweep exits 0 and its

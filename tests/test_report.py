@@ -111,12 +111,15 @@ def _store_with_runs(tmp_path, tables):
 
 def test_runs_whose_per_query_table_is_missing_cut_or_lacks_the_measure_are_named_not_used(tmp_path):
     good = pd.DataFrame({"query_id": ["1", "2", "3"], "first_stage.nDCG_at_10": [.1, .2, .3], "rerank.nDCG_at_10": [.4, .5, .7]})
+    repeated = pd.concat([good.head(2), good.head(1)])  # three rows, as many as queries, but query 1 twice
     store, df = _store_with_runs(tmp_path, [("good", good), ("broken", None), ("cut", good.head(2)),
-                                            ("other", good.rename(columns={"rerank.nDCG_at_10": "rerank.RR"}))])
+                                            ("other", good.rename(columns={"rerank.nDCG_at_10": "rerank.RR"})),
+                                            ("twice", repeated)])
     unreadable = []
     table = build_tables(df, "nDCG@10", unreadable=unreadable, store=store)["m"]
     said = "\n".join(unreadable)
-    assert len(unreadable) == 3, said
+    assert len(unreadable) == 4, said
+    assert "twice (" in said and "lists query 1 2 times" in said
     assert "broken (" in said and "per_query.csv missing" in said
     assert "cut (" in said and "has 2 queries, the run evaluated 3" in said
     assert "other (" in said and "has no column rerank.nDCG_at_10" in said

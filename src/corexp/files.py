@@ -86,7 +86,7 @@ MEMO_FIELDS = ("path", "size", "mtime_ns", "inode", "ctime_ns")
 _SHA256: dict[tuple[Any, ...], str] = {}
 
 
-def _hash(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -94,7 +94,7 @@ def _hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def content_sha256(path: Path, memo_dir: Path | None = None, hash_file: Callable[[Path], str] = _hash) -> str:
+def content_sha256(path: Path, memo_dir: Path | None = None, hash_file: Callable[[Path], str] = sha256_file) -> str:
     """sha256 of a file's bytes, memoised per process and, with memo_dir, across processes (<memo_dir>/digests) by path,
     size, mtime, inode and ctime. Any write changes the ctime, which no user can set back (`touch -r`, `rsync -t` and
     equal-size edits restore the mtime only), and a replaced file has another inode: any change is hashed again."""

@@ -313,6 +313,9 @@ def report(uri: str, experiment: str, out: Path) -> str:
                "Windows (the best of each width is chosen on the evaluation queries, so it is an upper bound too; the "
                f"detection set chose {', '.join(f'{n}: [{a}, {b})' for n, (a, b) in chosen_w.items()) or 'none'}):\n",
                pd.DataFrame(wrows).to_markdown(index=False), ""]
+    absent = [m for m in MODEL_ORDER if m not in {model for model, _ in chosen}]
+    if absent:
+        md += ["\n## Not computed\n", f"No atlas run of {', '.join(absent)} in this store (listed, never estimated).", ""]
     text = "\n".join(md) + "\n"
     out.write_text(text)
     return text

@@ -31,6 +31,7 @@ from corexp.studies.scaling import (
     _md,
     _ttest,
     study_frame,
+    update_readme,
 )
 from corexp.tracking.tracker import Store
 
@@ -117,12 +118,6 @@ README_MARKERS = ("<!-- qrhead-reading:start (generated: python -m corexp.studie
                   "<!-- qrhead-reading:end -->")
 
 
-def update_readme(lines: list[str], readme: Path) -> None:
-    text = readme.read_text()
-    start, end = text.index(README_MARKERS[0]) + len(README_MARKERS[0]), text.index(README_MARKERS[1])
-    readme.write_text(text[:start] + "\n" + "\n".join(lines) + "\n" + text[end:])
-
-
 def write(uri: str, experiment: str, out: Path, models: list[str], readme: Path | None = None) -> str:
     store = Store(uri)
     df = study_frame(store, experiment)
@@ -132,7 +127,7 @@ def write(uri: str, experiment: str, out: Path, models: list[str], readme: Path 
     queries = sorted({int(q) for q in df["queries"] if q == q})
     said = reading(study, table, tests)
     if readme is not None:
-        update_readme(said, readme)
+        update_readme(said, readme, README_MARKERS)
     md = [f"# QRHead detection as the official code computes it ({experiment})\n",
           f"TREC DL19 ({', '.join(map(str, queries))} queries), the BM25 top-20 of the shipped run, documents in retriever "
           f"order, {MEASURE} × 100, fp32. Heads chosen on 40 queries of the SciFact train split (`detection=scifact_train`, "

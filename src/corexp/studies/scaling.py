@@ -503,10 +503,10 @@ def write(uri: str, experiment: str, out: Path, models: list[str]) -> tuple[list
     return [out, fig], "\n".join(md), said
 
 
-def update_readme(lines: list[str], readme: Path) -> None:
-    """Rewrite the README's generated reading of docs/scaling.md between its markers."""
+def update_readme(lines: list[str], readme: Path, markers: tuple[str, str] = README_MARKERS) -> None:
+    """Rewrite a generated reading (docs/scaling.md's by default) in the README between its markers."""
     text = readme.read_text()
-    start, end = text.index(README_MARKERS[0]) + len(README_MARKERS[0]), text.index(README_MARKERS[1])
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
     readme.write_text(text[:start] + "\n" + "\n".join(lines) + "\n" + text[end:])
 
 
