@@ -3,11 +3,14 @@ Hub. The model comes from its sha256-pinned PyPI wheel and is converted by trans
 `accelerate`, a dependency corexp never imports: this test is what catches it missing). CI runs the same command on
 a new virtual environment (.ci/run)."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from corexp.files import sha256_file
 
 from helpers import compose_cfg
 
@@ -25,7 +28,11 @@ def test_the_default_job_converts_its_model_into_an_empty_cache(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "corexp: finished: smollm2 · random-k2" in proc.stdout and "1 queries" in proc.stdout
     folder = cache / "models" / f"smollm2-{sha[:16]}"
-    assert (folder / ".complete").read_text() == sha and list(folder.glob("*.safetensors"))
+    record = json.loads((folder / ".complete").read_text())  # what the conversion wrote, checked on every later use
+    assert record["gguf_sha256"] == sha and list(folder.glob("*.safetensors"))
+    assert set(record["files"]) == {p.name for p in folder.iterdir() if p.is_file() and p.name != ".complete"}
+    assert all(sha256_file(folder / n) == f["sha256"] and (folder / n).stat().st_size == f["size"]
+               for n, f in record["files"].items())
     assert not leftover.exists()  # removed under the conversion's lock
     mask = os.umask(0)
     os.umask(mask)
