@@ -94,18 +94,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _memo_key(path: Path) -> tuple[Any, ...]:
+    st = Path(path).stat()
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def remember_sha256(path: Path, digest: str, memo_dir: Path | None = None) -> None:
+    """Record a digest just computed from the file's bytes (a conversion hashes what it writes), so that the next
+    content_sha256 of the unchanged file reads it instead of hashing the file again."""
+    memo = _memo_key(path)
+    _SHA256[memo] = digest
+    if memo_dir is not None:
+        with contextlib.suppress(OSError, CorexpError):
+            atomic_write_json(_memo_path(memo, memo_dir), {**dict(zip(MEMO_FIELDS, memo)), "sha256": digest})
+
+
 def content_sha256(path: Path, memo_dir: Path | None = None, hash_file: Callable[[Path], str] = sha256_file) -> str:
     """sha256 of a file's bytes, memoised per process and, with memo_dir, across processes (<memo_dir>/digests) by path,
     size, mtime, inode and ctime. Any write changes the ctime, which no user can set back (`touch -r`, `rsync -t` and
     equal-size edits restore the mtime only), and a replaced file has another inode: any change is hashed again."""
-    st = Path(path).stat()
-    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    memo = _memo_key(path)
     if memo not in _SHA256:
         stored = _stored_sha256(memo, memo_dir)
-        _SHA256[memo] = stored or hash_file(Path(path))
-        if memo_dir is not None and stored is None:
-            with contextlib.suppress(OSError, CorexpError):  # a read-only cache only costs a re-read next time
-                atomic_write_json(_memo_path(memo, memo_dir), {**dict(zip(MEMO_FIELDS, memo)), "sha256": _SHA256[memo]})
+        if stored is None:  # a read-only cache only costs a re-read next time
+            remember_sha256(path, hash_file(Path(path)), memo_dir)
+        else:
+            _SHA256[memo] = stored
     return _SHA256[memo]
 
 

@@ -24,7 +24,7 @@ import torch
 from corexp.engine.attention import register as register_attention
 from corexp.engine.wheels import download, normalise, sha256_file
 from corexp.errors import CorexpError
-from corexp.files import content_sha256, ensure_writable_dir, file_lock
+from corexp.files import content_sha256, ensure_writable_dir, file_lock, remember_sha256
 from corexp.settings import Component, setting
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,8 @@ def _convert(spec: ModelSpec, cache_dir: Path, folder: Path) -> None:
 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    for name, record in files.items():  # hashed once, here: the check right after conversion reads these
+        remember_sha256(folder / name, record["sha256"], cache_dir)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,11 @@ def heads_by_layer(heads: list[Head] | None) -> dict[int, list[int]] | None:
     return {k: sorted(set(v)) for k, v in out.items()}
 
 
+def shares_prefix(enc: EncodedPrompt, na: EncodedPrompt) -> bool:
+    """The N/A prompt has the real prompt's tokens up to the query (the documents): one forward can serve both."""
+    return na.q_start == enc.q_start and torch.equal(na.input_ids[0, :enc.q_start], enc.input_ids[0, :enc.q_start])
+
+
 @dataclass
 class QueryStats:
     """What scoring one query cost: prompt tokens, each forward call's tokens and seconds, dropped candidates."""
@@ -157,7 +162,7 @@ class AttentionReranker:
 
         def na_encoding():
             na = self.prompt.encode_plain(texts_in_order, self.spec.calibration_query)
-            return na, na.q_start == q_start and torch.equal(na.input_ids[0, :q_start], enc.input_ids[0, :q_start])
+            return na, shares_prefix(enc, na)
 
         if self.one_pass:
             na, shared = na_encoding()
@@ -212,7 +217,7 @@ class AttentionReranker:
         """Every head's token scores s_j of the real and the N/A query over the document tokens j < q_start: one tree
         forward when the N/A prompt shares the documents' tokens, else a forward of each prompt."""
         real_rec = Readout(None, rows=(enc.q_start, enc.q_end), past_len=0)
-        if na.q_start == enc.q_start and torch.equal(na.input_ids[0, :enc.q_start], enc.input_ids[0, :enc.q_start]):
+        if shares_prefix(enc, na):
             na_rec = Readout(None, rows=(0, na.q_end - na.q_start), past_len=enc.q_start)
             self._tree_forward(enc, na, TreePass(enc.q_start, enc.q_end, real_rec, na_rec), clock)
         else:
@@ -236,7 +241,7 @@ class AttentionReranker:
         texts = self.doc_texts(docs)
         enc, order = self.encode(query, texts, query_id)
         na = self.prompt.encode_plain([texts[i] for i in order], self.spec.calibration_query)
-        if na.q_start != enc.q_start or not torch.equal(na.input_ids[0, :enc.q_start], enc.input_ids[0, :enc.q_start]):
+        if not shares_prefix(enc, na):
             raise CorexpError("the N/A prompt does not share the documents' tokens with the query's prompt: no head table")
         stats = QueryStats()
         return self._table(enc, na, stats, _Clock(self.lm.device, stats)), enc, order
