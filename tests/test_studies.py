@@ -71,7 +71,7 @@ def test_the_atlas_scores_head_sets_as_a_job_does(tiny, tmp_path):
         job = build_job([*args, *extra])
         data = load_eval_data(job)
         rr, _ = build_reranker(job, heads=heads, eval_qids=data.qids)
-        return evaluate(data.ds.qrels, rerank_queries(job, data, rr).run, list(job.measures)).means["nDCG@10"]
+        return evaluate(data.ds.qrels, rerank_queries(job, data, [rr]).run, list(job.measures)).means["nDCG@10"]
 
     sets = atlas.sets.set_index("head set")["nDCG@10"]
     assert sets["ICR (all heads)"] == pytest.approx(job_ndcg(["heads=all"]))

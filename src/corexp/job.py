@@ -224,6 +224,10 @@ class Job:
         order = p.doc_order.label()
         if order:
             extras.append({"group": "prompt", "text": order, "without": {}})
+        det = self.detection
+        if self.heads.needs_detection and det.judged:  # where the heads come from changes the numbers: named
+            extras.append({"group": "detection", "text": f"{det.folds}-fold CV" if det.folds else f"detected on {det.name}",
+                           "without": {}})
         dtype = str(self.model.torch_dtype).replace("torch.", "")
         if dtype != "float32":  # the reference precision; bf16/fp16 runs are named so
             extras.append({"group": "model", "text": DTYPE_LABELS.get(dtype, dtype), "without": {}})
@@ -265,9 +269,14 @@ class Job:
         detection = None
         if self.heads.needs_detection:
             det = self.detection
-            detection = {"data": det.name, "queries": det.num_queries, "negatives": det.num_negatives,
-                         "positions": det.positions, "instances": det.num_queries * det.positions, "fold": det.fold,
-                         "max_words": det.max_words if det.max_words is not None else self.prompt.max_words}
+            if det.judged:  # the re-ranking prompts of judged queries (components/judged.py)
+                detection = {"data": self.data.name if det.folds else det.name, "instances": "judged re-ranking prompts",
+                             "queries": "the other folds' queries" if det.folds else det.num_queries or "every judged query",
+                             "folds": det.folds}
+            else:
+                detection = {"data": det.name, "queries": det.num_queries, "negatives": det.num_negatives,
+                             "positions": det.positions, "instances": det.num_queries * det.positions, "fold": det.fold,
+                             "max_words": det.max_words if det.max_words is not None else self.prompt.max_words}
         return {
             "run_name": self.run_name(),
             "model": self.model.name,

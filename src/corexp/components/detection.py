@@ -36,18 +36,34 @@ class Detection(Source):
     """The `detection` group: the detection set (disjoint from the evaluation queries) and how instances are built."""
 
     split: str = setting("train", doc="qrels/<split>.tsv of local_dir")
-    num_queries: int = setting(40, ge=1, doc="detection queries (each gives `positions` instances)")
-    num_negatives: int = setting(19, ge=1, doc="hard negatives per instance, from the job's first stage")
-    positions: int = setting(1, ge=1, doc="positions of the positive per query (at most num_negatives + 1)")
-    max_words: int | None = setting(60, ge=1, null="prompt.max_words", doc="words per detection document")
-    seed: int = setting(0, ge=0, doc="sampling of queries, positives and positions")
+    instances: str = setting("sampled", choices=("sampled", "judged"),
+                             doc="sampled: (query, positive, hard negatives) prompts of their own (the papers' detection); "
+                                 "judged: the re-ranking prompts of judged queries, read from the read-out cache")
+    folds: int | None = setting(None, ge=2, null="no cross-validation",
+                                doc="judged only: k-fold cross-validation on the evaluation queries themselves (each "
+                                    "query scored with heads detected on the other folds; detection=crossval)")
+    num_queries: int | None = setting(40, ge=1, null="every judged query (instances=judged)",
+                                      doc="detection queries (each gives `positions` instances)")
+    num_negatives: int = setting(19, ge=1, doc="sampled: hard negatives per instance, from the job's first stage")
+    positions: int = setting(1, ge=1, doc="sampled: positions of the positive per query (at most num_negatives + 1)")
+    max_words: int | None = setting(60, ge=1, null="prompt.max_words", doc="sampled: words per detection document")
+    seed: int = setting(0, ge=0, doc="sampling of queries, positives and positions; the folds' assignment")
     fold: int | None = setting(None, ge=0, null="num_queries sampled, no folds",
-                               doc="the i-th of disjoint blocks of num_queries queries (stability studies)")
+                               doc="sampled: the i-th of disjoint blocks of num_queries queries (stability studies)")
+
+    @property
+    def judged(self) -> bool:
+        """Detection reads the evaluation-style prompts of judged queries (components/judged.py)."""
+        return self.instances == "judged"
 
     def check(self) -> None:
         if self.positions > self.num_negatives + 1:
             raise CorexpError(f"detection.positions={self.positions} is not allowed: use 1..{self.num_negatives + 1} "
                               "(detection.num_negatives + 1 slots)")
+        if self.folds is not None and not self.judged:
+            raise CorexpError("detection.folds needs detection.instances=judged (detection=crossval sets both)")
+        if self.num_queries is None and not self.judged:
+            raise CorexpError("detection.num_queries=null is not allowed with detection.instances=sampled: use an integer >= 1")
 
     def table(self, prompt: PromptBuilder, first_stage: Any, eval_query_ids: set[str], cache_dir: Path, model_key: str,
               reranker: Callable[[], Any], progress: bool = True, shuffle: int | None = None) -> DetectionTable:

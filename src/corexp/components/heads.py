@@ -50,35 +50,50 @@ def qrhead_lme_scores(scores: np.ndarray, pos_index: np.ndarray) -> np.ndarray:
     return positive_values(scores.astype(np.float64), pos_index).mean(axis=0)
 
 
-def ndcg_at_10(scores: np.ndarray, gains: np.ndarray, tie_rank: np.ndarray) -> np.ndarray:
+def ndcg_at_10(scores: np.ndarray, gains: np.ndarray, tie_rank: np.ndarray, ideal: np.ndarray | None = None) -> np.ndarray:
     """nDCG@10 of ranking each instance's documents by `scores` (..., instances, docs), linear gains (trec_eval's
-    ndcg_cut.10); ties broken by `tie_rank` (instances, docs; lower first: trec_eval's descending document id)."""
+    ndcg_cut.10); ties broken by `tie_rank` (instances, docs; lower first: trec_eval's descending document id).
+    ideal: each instance's ideal DCG@10 (trec_eval: from all the query's judgments); None: from `gains`."""
     order = np.lexsort((np.broadcast_to(tie_rank, scores.shape), -scores), axis=-1)[..., :10]
     g = np.take_along_axis(np.broadcast_to(gains, scores.shape), order, axis=-1).astype(np.float64)
     discount = 1.0 / np.log2(np.arange(2, g.shape[-1] + 2))
-    ideal = (-np.sort(-gains, axis=-1)[..., :10] * discount[:gains[..., :10].shape[-1]]).sum(axis=-1)
+    if ideal is None:
+        ideal = (-np.sort(-gains, axis=-1)[..., :10] * discount[:gains[..., :10].shape[-1]]).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.nan_to_num((g * discount).sum(axis=-1) / ideal)
 
 
-def qrhead_beir_scores(scores: np.ndarray, pos_index: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
+def qrhead_beir_scores(scores: np.ndarray, pos_index: np.ndarray, doc_ids: np.ndarray | None = None,
+                       gains: np.ndarray | None = None, valid: np.ndarray | None = None, ideal: np.ndarray | None = None,
+                       query_of: np.ndarray | None = None) -> np.ndarray:
     """QRHead's BEIR detection (`detect_qrhead_beir.py`): each head ranks every instance's documents by its calibrated,
     masked score and is scored by the mean nDCG@10 of those rankings, rounded to 5 decimals as BEIR's evaluation
     reports it (so heads tie as in the official code; ties: lower layer, then lower head). doc_ids break ties between
-    documents as trec_eval does (descending id); without them, by prompt position."""
+    documents as trec_eval does (descending id); without them, by prompt position. Judged instances (gains, valid,
+    ideal, query_of: DetectionTable) are ranked once per query with its graded judgments and trec_eval's ideal DCG."""
     n_inst, n_docs = scores.shape[0], scores.shape[3]
-    gains = np.zeros((n_inst, n_docs))
-    gains[np.arange(n_inst), pos_index] = 1.0
+    if query_of is not None:  # one ranking per query: its first instance
+        first = np.unique(query_of, return_index=True)[1]
+        pick = (lambda a: None if a is None else a[first])  # noqa: E731
+        scores, pos_index, doc_ids, gains, valid, ideal = (pick(a) for a in (scores, pos_index, doc_ids, gains, valid, ideal))
+        n_inst = scores.shape[0]
+    if gains is None:
+        gains = np.zeros((n_inst, n_docs))
+        gains[np.arange(n_inst), pos_index] = 1.0
     if doc_ids is None:
         tie_rank = np.broadcast_to(np.arange(n_docs), (n_inst, n_docs))
     else:
         tie_rank = np.array([np.argsort(np.argsort(np.array(ids, dtype=str))[::-1]) for ids in doc_ids])
-    per_instance = ndcg_at_10(np.moveaxis(scores.astype(np.float64), 0, 2), gains, tie_rank)  # (layers, heads, inst)
+    values = scores.astype(np.float64)
+    if valid is not None:  # padding never ranks
+        values = np.where(valid[:, None, None, :], values, -np.inf)
+    per_instance = ndcg_at_10(np.moveaxis(values, 0, 2), gains.astype(np.float64), tie_rank, ideal)  # (layers, heads, inst)
     return np.round(per_instance.mean(axis=-1), 5)
 
 
 def core_scores(masses: np.ndarray, pos_index: np.ndarray, tau: float) -> np.ndarray:
-    """Mean softmax probability of the positive among positive + negatives, temperature tau (stable log-sum-exp)."""
+    """Mean softmax probability of the positive among positive + negatives, temperature tau (stable log-sum-exp).
+    A mass of -inf (DetectionTable.contrast_masses) takes no part."""
     z = masses.astype(np.float64) / tau
     z -= z.max(axis=3, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=3, keepdims=True))
@@ -128,12 +143,21 @@ def layer_stats(heads: list[Head], n_layers: int) -> dict[str, float]:
 class DetectionTable:
     """Per instance, layer, head and document (METHOD.md §4): the raw attention mass (`masses`: CoRe, QR-R, windows)
     and the calibrated, masked score of the head alone (`scores`: QRHead); the positive's index per instance and the
-    documents' ids (trec_eval's tie-break of QRHead's BEIR nDCG)."""
+    documents' ids (trec_eval's tie-break of QRHead's BEIR nDCG).
+
+    Instances read from judged evaluation-style prompts (components/judged.py) also carry `gains` (each document's
+    graded judgment: the other relevant candidates of the query take no part in its positive's contrast), `valid`
+    (False: padding of a shorter candidate list), `ideal` (the query's ideal DCG@10 from all its judgments) and
+    `query_of` (the query index of each instance: QRHead's nDCG is one value per query, not per positive)."""
 
     masses: np.ndarray
     pos_index: np.ndarray
     scores: np.ndarray | None = None
     doc_ids: np.ndarray | None = None
+    gains: np.ndarray | None = None  # (instances, docs) graded judgments; None: the positive alone is relevant
+    valid: np.ndarray | None = None  # (instances, docs) bool; None: every document
+    ideal: np.ndarray | None = None  # (instances,) ideal DCG@10 of the instance's query
+    query_of: np.ndarray | None = None  # (instances,) query index
 
     @property
     def instances(self) -> int:
@@ -143,6 +167,26 @@ class DetectionTable:
         if self.scores is None:
             raise CorexpError("this detection table has no calibrated per-head scores (QRHead needs them)")
         return self.scores
+
+    def members(self) -> np.ndarray | None:
+        """(instances, docs) the documents that take part in each instance's contrast: its positive and the candidates
+        judged non-relevant or unjudged (None: every document)."""
+        if self.gains is None and self.valid is None:
+            return None
+        n, d = self.masses.shape[0], self.masses.shape[3]
+        valid = np.ones((n, d), dtype=bool) if self.valid is None else self.valid
+        negative = np.ones((n, d), dtype=bool) if self.gains is None else self.gains <= 0
+        positive = np.zeros((n, d), dtype=bool)
+        positive[np.arange(n), self.pos_index] = True
+        return valid & (negative | positive)
+
+    def contrast_masses(self) -> np.ndarray:
+        """The raw masses with every document outside an instance's contrast at -inf (it takes no softmax share and
+        never outranks the positive)."""
+        members = self.members()
+        if members is None:
+            return self.masses
+        return np.where(members[:, None, None, :], self.masses.astype(np.float64), -np.inf)
 
 
 @dataclass(frozen=True)
@@ -255,7 +299,7 @@ class DetectedHeads(CountedHeads):
         scores = self.metric_scores(table, tau)
         overlap = None
         if table.scores is not None:  # CoRe and QRHead (long-context) from the same forward of the same instances
-            core = core_scores(table.masses, table.pos_index, float(tau if tau is not None else ctx.model_tau))
+            core = core_scores(table.contrast_masses(), table.pos_index, float(tau if tau is not None else ctx.model_tau))
             overlap = jaccard(top_k(core, self.k), top_k(qrhead_lme_scores(table.scores, table.pos_index), self.k))
         return HeadSelection(top_k(scores, self.k), scores, tau, table.instances, overlap, metric=self.name)
 
@@ -277,7 +321,7 @@ class CoReHeads(DetectedHeads):
         return float(self.tau if self.tau is not None else model_tau)
 
     def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
-        return core_scores(table.masses, table.pos_index, float(tau))  # type: ignore[arg-type]
+        return core_scores(table.contrast_masses(), table.pos_index, float(tau))  # type: ignore[arg-type]
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
         tau = self.tau if self.tau is not None else model_tau
@@ -307,7 +351,8 @@ class QRHeads(DetectedHeads):
     def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
         if self.variant == "lme":
             return qrhead_lme_scores(table.calibrated(), table.pos_index)
-        return qrhead_beir_scores(table.calibrated(), table.pos_index, table.doc_ids)
+        return qrhead_beir_scores(table.calibrated(), table.pos_index, table.doc_ids, table.gains, table.valid, table.ideal,
+                                  table.query_of)
 
     def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
         return self.k_label("QRHead" if "variant" in hide or self.variant == "beir" else f"QRHead-{self.variant}", hide)
@@ -436,7 +481,7 @@ class WindowHeads(HeadSelector):
     def select(self, ctx: SelectionContext) -> HeadSelection:
         if ctx.detection is None:
             raise CorexpError("heads=window needs detection data")
-        scores = window_scores(ctx.detection.masses, ctx.detection.pos_index, self.width)
+        scores = window_scores(ctx.detection.contrast_masses(), ctx.detection.pos_index, self.width)
         start = int(np.argmax(scores))  # ties: the lowest window
         return HeadSelection(layer_heads(start, start + self.width, ctx.n_heads), None, None, ctx.detection.instances,
                              metric=self.name, window=(start, start + self.width), window_scores=scores)

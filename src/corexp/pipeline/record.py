@@ -105,9 +105,35 @@ def length_bias(res: JobResult) -> dict[str, tuple[float, float]]:
     return out
 
 
+def log_fold_heads(run: ActiveRun, res: JobResult, out_dir: Path) -> None:
+    """Cross-validation (detection.folds): each fold's heads, the queries they were detected on and the ones they
+    scored (heads_by_fold.json), every head's detection score per fold (head_scores.csv), the folds' mean Jaccard."""
+    import pandas as pd
+
+    plan = res.plan
+    sels = plan.selections
+    run.log_params({"selected_heads": " | ".join(H.format_heads(s.heads) if s.heads else "all" for s in sels)})
+    pairs = [(a, b) for a in range(len(sels)) for b in range(a + 1, len(sels))]
+    if pairs and all(s.heads for s in sels):
+        run.log_metrics({"heads.fold_jaccard_mean": float(np.mean([H.jaccard(sels[a].heads, sels[b].heads) for a, b in pairs]))})
+    folds = [{"fold": f, "heads": H.format_heads(s.heads or []), "metric": s.metric, "instances": s.instances,
+              "window": list(s.window) if s.window else None, "detected_on": list(plan.detected_on[f]),
+              "scored": sorted(q for q, g in plan.fold_of.items() if g == f)} for f, s in enumerate(sels)]
+    run.log_dict({"folds": folds}, "heads_by_fold.json")
+    rows = [{"fold": f, "layer": l, "head": h, "score": float(s.scores[l, h]), "selected": (l, h) in set(s.heads or [])}
+            for f, s in enumerate(sels) if s.scores is not None
+            for l in range(s.scores.shape[0]) for h in range(s.scores.shape[1])]
+    if rows:
+        pd.DataFrame(rows).to_csv(out_dir / "head_scores.csv", index=False)
+        run.log_artifacts([out_dir / "head_scores.csv"])
+
+
 def log_heads(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
     import pandas as pd
 
+    if res.plan is not None and res.plan.folds:
+        log_fold_heads(run, res, out_dir)
+        return
     sel, n_layers, n_heads = res.selection, res.model.n_layers, res.model.n_heads
     if sel.heads is None:
         run.log_params({"selected_heads": "all"})

@@ -34,6 +34,23 @@ class Reranking:
     degenerate: list[str] = field(default_factory=list)  # queries whose attention scores gave no ranking
 
 
+@dataclass(frozen=True)
+class HeadPlan:
+    """The head sets of a job: one, or one per cross-validation fold (detection.folds) with each query's fold and the
+    queries each fold's heads were detected on (never the queries it scores)."""
+
+    selections: tuple[HeadSelection, ...]
+    fold_of: dict[str, int] = field(default_factory=dict)  # empty: every query with selections[0]
+    detected_on: tuple[tuple[str, ...], ...] = ()
+
+    def index(self, query_id: str) -> int:
+        return self.fold_of.get(query_id, 0)
+
+    @property
+    def folds(self) -> int:
+        return len(self.selections) if self.fold_of else 0
+
+
 @dataclass
 class JobResult:
     """Everything a job computed; corexp.pipeline.record turns it into MLflow params, metrics and artifacts."""
@@ -48,3 +65,4 @@ class JobResult:
     peak_memory_mb: float = 0.0
     wall_time_s: float = 0.0  # the whole job: data, first stage, detection, model loading, re-ranking
     cpu_time_s: float = 0.0  # CPU seconds of this process over the same span (all threads)
+    plan: HeadPlan | None = None  # the head sets (one per cross-validation fold); None: `selection` alone

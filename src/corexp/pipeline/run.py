@@ -8,6 +8,7 @@ is: the tracker claims the job's identity (or says it FINISHED already), the run
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corexp.components.heads import DetectionTable, Head, HeadSelection, SelectionContext
+from corexp.components.judged import assign_folds, check_disjoint, judged_queries, judged_table, read_judged
 from corexp.data.evaluation import Evaluation, evaluate, metric_key
 from corexp.engine.memory import PeakMemory
 from corexp.engine.models import ModelInfo, resolve_device
@@ -28,7 +30,7 @@ from corexp.engine.reranker import AttentionReranker
 from corexp.engine.scoring import rank, trec_scores
 from corexp.errors import CorexpError
 from corexp.job import Job
-from corexp.pipeline.results import EvalData, JobResult, Reranking
+from corexp.pipeline.results import EvalData, HeadPlan, JobResult, Reranking
 from corexp.tracking.tracker import StoredRun, Tracker
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,13 @@ def detection(job: Job, eval_qids: list[str], info: ModelInfo) -> DetectionTable
                                job.options.progress, job.heads.detection_shuffle)
 
 
+def context(job: Job, info: ModelInfo, table: DetectionTable | None) -> SelectionContext:
+    return SelectionContext(info.n_layers, info.n_heads, job.model.tau, dict(job.model.published_heads), table)
+
+
 def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadSelection, int]:
     """The heads of this run and the layers to load (re-selecting where a truncation cut selected heads)."""
-    ctx = SelectionContext(info.n_layers, info.n_heads, job.model.tau, dict(job.model.published_heads),
-                           detection(job, eval_qids, info) if job.heads.needs_detection else None)
+    ctx = context(job, info, detection(job, eval_qids, info) if job.heads.needs_detection else None)
     selection = job.heads.select(ctx)
     if selection.heads is not None:
         bad = [f"{l}-{h}" for l, h in selection.heads if not (0 <= l < info.n_layers and 0 <= h < info.n_heads)]
@@ -80,26 +85,80 @@ def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadS
     return reselected, keep
 
 
+def readout_cache(job: Job, lm: Any) -> ReadoutCache:
+    return ReadoutCache(job.cache, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}")
+
+
+def judges_heads(job: Job) -> bool:
+    """Heads detected on judged re-ranking prompts (detection.instances=judged; components/judged.py)."""
+    return job.heads.needs_detection and job.detection.judged
+
+
+def judged_plan(job: Job, data: EvalData, info: ModelInfo) -> tuple[list[AttentionReranker], HeadPlan]:
+    """Heads detected on judged re-ranking prompts, read from the read-out cache (kept whatever `readout_cache` says:
+    the table of every head is the detection): in-domain by k-fold cross-validation (detection.folds; each fold scored
+    with heads detected on the others), or on another judged data set. The model keeps every layer (the tables read
+    every head; the scores do not depend on the layers above a head set). One re-ranker per head set."""
+    det = job.detection
+    if det.folds is None:  # another data set: refuse an overlap before anything is loaded
+        ds = det.load()
+        qids = judged_queries(ds, det.num_queries, det.seed)
+        check_disjoint([q for q in qids if data.ds.queries.get(q) == ds.queries[q]], data.qids)
+    lm = job.model.load(job.cache)
+    cache = readout_cache(job, lm)
+    reader = AttentionReranker(lm, job.prompt_for_data, None, job.model.template, readout_cache=cache)
+    ctx = functools.partial(context, job, info)
+    if det.folds is not None:
+        fold_of = assign_folds(data.qids, det.folds, det.seed)
+        judged = read_judged(reader, data.ds, data.candidates.top, data.qids, job.options.progress)
+        selections, detected_on = [], []
+        for fold in range(det.folds):
+            scored = [q for q in data.qids if fold_of[q] == fold]
+            detect = [q for q in data.qids if fold_of[q] != fold and q in judged]
+            check_disjoint(detect, scored, f" of fold {fold}")
+            selections.append(job.heads.select(ctx(judged_table([judged[q] for q in detect]))))
+            detected_on.append(tuple(detect))
+        plan = HeadPlan(tuple(selections), fold_of, tuple(detected_on))
+    else:
+        cands = job.first_stage.candidates(ds, qids, job.cache, job.options.progress, job.data.drop_self_hits)
+        judged = read_judged(reader, ds, cands.top, qids, job.options.progress)
+        plan = HeadPlan((job.heads.select(ctx(judged_table(list(judged.values())))),), {}, (tuple(judged),))
+    return [AttentionReranker(lm, job.prompt_for_data, sel.heads, job.model.template, readout_cache=cache,
+                              calibrate=job.scoring.calibration) for sel in plan.selections], plan
+
+
 def build_reranker(job: Job, heads: list[Head] | None = None, eval_qids: list[str] = (), info: ModelInfo | None = None
                    ) -> tuple[AttentionReranker, HeadSelection]:
     """The job's re-ranker: its heads (given, or chosen by its selector), the layers its truncation keeps, the prompt
     as its data set reads it, its scoring and read-out cache. The one place a re-ranker is built from components."""
     info = info or job.model.info(job.cache)
+    if heads is None and judges_heads(job):
+        if job.detection.folds is not None:
+            raise CorexpError("detection=crossval scores each fold with its own heads: run it as a job (python -m corexp), "
+                              "not as one re-ranker")
+        ds = job.data.load()
+        qids = job.data.queries(ds)
+        data = EvalData(ds, qids, job.first_stage.candidates(ds, qids, job.cache, False, job.data.drop_self_hits), None)
+        rerankers, plan = judged_plan(job, data, info)
+        return rerankers[0], plan.selections[0]
     if heads is None:
         selection, keep = select_heads(job, list(eval_qids), info)
     else:
         selection = HeadSelection([tuple(h) for h in heads], metric="given")
         keep = job.truncation.keep(info.n_layers, selection.deepest_layer)  # configured: auto keeps up to the deepest head
     lm = job.model.load(job.cache, keep_layers=keep)
-    cache = ReadoutCache(job.cache, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}") if job.options.readout_cache else None
+    cache = readout_cache(job, lm) if job.options.readout_cache else None
     rr = AttentionReranker(lm, job.prompt_for_data, selection.heads, job.model.template, readout_cache=cache,
                            calibrate=job.scoring.calibration)
     return rr, selection
 
 
-def rerank_queries(job: Job, data: EvalData, rr: AttentionReranker) -> Reranking:
+def rerank_queries(job: Job, data: EvalData, rerankers: list[AttentionReranker], plan: HeadPlan | None = None) -> Reranking:
+    """Each query re-ranked by the re-ranker of its head set (plan: its cross-validation fold; else the one)."""
+    plan = plan or HeadPlan((HeadSelection(None),))
     out = Reranking()
     for qid in tqdm(data.qids, desc=f"re-rank {job.data.name} ({job.model.name})", disable=not job.options.progress):
+        rr = rerankers[plan.index(qid)]
         cand = data.candidates.top[qid]
         if not cand:
             out.run[qid] = cand
@@ -138,10 +197,15 @@ def rerank_pipeline(job: Job, info: ModelInfo, on_data: Any = None) -> JobResult
     if on_data is not None:
         on_data(data)
     with PeakMemory(str(resolve_device(job.model.device))) as memory:  # truncated model + re-ranking working memory
-        rr, selection = build_reranker(job, eval_qids=data.qids, info=info)
-        reranking = rerank_queries(job, data, rr)
-    return JobResult(data, selection, info, rr.lm.kept_layers, rr.lm.source, reranking,
-                     evaluate(data.ds.qrels, reranking.run, list(job.measures)), memory.peak_mb)
+        if judges_heads(job):
+            rerankers, plan = judged_plan(job, data, info)
+        else:
+            rr, selection = build_reranker(job, eval_qids=data.qids, info=info)
+            rerankers, plan = [rr], HeadPlan((selection,))
+        reranking = rerank_queries(job, data, rerankers, plan)
+    lm = rerankers[0].lm
+    return JobResult(data, plan.selections[0], info, lm.kept_layers, lm.source, reranking,
+                     evaluate(data.ds.qrels, reranking.run, list(job.measures)), memory.peak_mb, plan=plan)
 
 
 @dataclass(frozen=True)
