@@ -129,8 +129,9 @@ def test_crossval_scores_each_query_only_with_heads_detected_without_it(tmp_path
     # every query's scores are those of its fold's heads (re-scored from the read-out tables the job stored)
     import pandas as pd
 
-    from helpers import build_job
     from corexp.pipeline.run import build_reranker, load_eval_data
+
+    from helpers import build_job
 
     job = build_job([*tiny_model_args(tiny_dir), "data.max_queries=12", "first_stage.depth=6", "heads=all",
                      f"paths.cache_dir={tmp_path}/cache", "readout_cache=true"])
