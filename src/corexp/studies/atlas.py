@@ -196,23 +196,30 @@ def layer_curve(atlas: Atlas, path: Path, first_stage: float | None = None) -> P
 
 
 # -- running and logging ----------------------------------------------------------------------------------------------
-def jobs(overrides: list[str]) -> tuple[Job, dict[str, Job]]:
+MARKS = {"CoRe-k8": ["heads=core", "heads.k=8"], "QRHead-k8": ["heads=qrhead", "heads.k=8"],
+         "QR-R-k8": ["heads=qr_r", "heads.k=8"], "window-w4": ["heads=window", "heads.width=4"]}
+
+
+def jobs(overrides: list[str], marks: tuple[str, ...] = tuple(MARKS)) -> tuple[Job, dict[str, Job]]:
     """The atlas job (every head, read-out cache on) and the jobs whose head selections it marks."""
+    unknown = [m for m in marks if m not in MARKS]
+    if unknown:
+        raise CorexpError(f"--mark {unknown[0]} is not a detected set: use {', '.join(MARKS)}")
     base = Job.from_config(compose_config([*overrides, "heads=all", "readout_cache=true"]))
-    marked = {"CoRe-k8": ["heads=core", "heads.k=8"], "QRHead-k8": ["heads=qrhead", "heads.k=8"],
-              "QR-R-k8": ["heads=qr_r", "heads.k=8"], "window-w4": ["heads=window", "heads.width=4"]}
-    return base, {name: Job.from_config(compose_config([*overrides, *extra, "readout_cache=true"])) for name, extra in marked.items()}
+    return base, {name: Job.from_config(compose_config([*overrides, *MARKS[name], "readout_cache=true"])) for name in marks}
 
 
-def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str) -> str:
+def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str, marks: tuple[str, ...] = tuple(MARKS)) -> str:
     """Compute one atlas and log it as an MLflow run (skipped when the same atlas of the same code is there)."""
-    base, marked = jobs(overrides)
+    base, marked = jobs(overrides, marks)
     info = base.model.info(base.cache)
     selections = {name: select_heads(job, [], info)[0] for name, job in marked.items()}
     job = replace(base, tracking=replace(base.tracking, experiment=experiment))
     ident = job.identity()
-    key = stable_key(ident.config_hash, "atlas", list(widths), k)
-    identity = Identity(key, ident.code_digest, stable_key(ident.setup_hash, "atlas", list(widths), k), ident.data_fingerprint)
+    extra = [] if tuple(marks) == tuple(MARKS) else [list(marks)]  # the marked sets, when not all of them
+    key = stable_key(ident.config_hash, "atlas", list(widths), k, *extra)
+    identity = Identity(key, ident.code_digest, stable_key(ident.setup_hash, "atlas", list(widths), k, *extra),
+                        ident.data_fingerprint)
     tags = {"study": "atlas", "model": job.model.name, "dataset": job.data.name, "widths": ",".join(map(str, widths)),
             "k": str(k), "overrides": " ".join(overrides)}
     request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, job.params(), job.config_text)
@@ -326,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="corexp overrides of the job (model=..., data=..., detection=...)")
     ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 4], help="window widths in layers")
     ap.add_argument("--k", type=int, default=8, help="heads of the oracle top-k (an upper bound)")
+    ap.add_argument("--mark", default=",".join(MARKS),
+                    help="the detected sets to mark (each needs its detection table; default: all)")
     ap.add_argument("--experiment", default="atlas")
     ap.add_argument("--report", action="store_true", help="write the Markdown report of the experiment's atlas runs")
     ap.add_argument("--tracking-uri", default=None,
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args.tracking_uri or f"sqlite:///{project_root()}/mlflow.db", args.experiment, Path(args.out)))
         else:  # the same store for building and for --report
             uri = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
-            run([*args.overrides, *uri], tuple(args.widths), args.k, args.experiment)
+            run([*args.overrides, *uri], tuple(args.widths), args.k, args.experiment, tuple(args.mark.split(",")))
 
     return cli_main("corexp.atlas", body)
 
