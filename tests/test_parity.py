@@ -18,6 +18,7 @@ import pytest
 from corexp import build_reranker
 from corexp.components import heads as H
 from corexp.data.datasets import Document
+from corexp.engine.reranker import instance_table
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 OFFICIAL_TOP8 = [(18, 6), (22, 7), (23, 2), (17, 3), (21, 8), (14, 3), (20, 3), (23, 7)]
@@ -180,7 +181,7 @@ def qrhead_detection():
             docs = [Document(d, None, texts[d]) for d in inst["docs"]]
             for query in (inst["query"], "N/A"):
                 prompts.append((query, inst["docs"], rr.prompt.encode_plain(rr.doc_texts(docs), query)))
-            head_table, enc = rr.detection_readout(inst["query"], docs)
+            head_table, enc = instance_table(rr, inst["query"], docs)
             m, s = instance_arrays(head_table, enc.doc_spans, lm.kept_layers, lm.num_heads)
             masses.append(m)
             scores.append(s)

@@ -33,7 +33,7 @@ def load(tiny_dir, keep=None):
     return load_model(cfg, tiny_dir, keep_layers=keep)
 
 
-def reference_scores(tiny_dir, spec, heads):
+def reference_scores(tiny_dir, spec, heads, calibrate=True):
     model = AutoModel.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     lm = load(tiny_dir)
     texts = [d.text for d in DOCS]
@@ -45,8 +45,36 @@ def reference_scores(tiny_dir, spec, heads):
         s = sum(att[l][0, h, enc.q_start:enc.q_end].mean(0) for l, h in heads)
         rows.append((s, enc))
     (s_q, enc), (s_na, _) = rows
-    c = s_q[: enc.q_start] - s_na[: enc.q_start]
+    c = s_q[: enc.q_start] - (s_na[: enc.q_start] if calibrate else 0)
     return document_scores(c, enc.doc_spans)
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("strategy", ["tree", "cache", "table"])
+def test_every_forward_strategy_with_and_without_calibration_equals_the_eager_reference(any_tiny_dir, strategy, shared,
+                                                                                       calibrate, monkeypatch, tmp_path):
+    """Tree pass, cut-back / copied cache and the read-out table, each with the N/A prompt sharing the documents' tokens
+    and not (a forward of its own), each calibrated and not: the same scores as the eager reference. (Before the
+    strategies were objects, calibration off with the table and an unshared N/A prompt returned calibrated scores.)"""
+    import corexp.engine.forward as F
+    from corexp.engine.readout_cache import ReadoutCache
+
+    if not shared:
+        monkeypatch.setattr(F, "shares_prefix", lambda enc, na: False)
+    heads = [(0, 1), (2, 3), (3, 0)]
+    cache = ReadoutCache(tmp_path, "tiny") if strategy == "table" else None
+    rr = AttentionReranker(load(any_tiny_dir), PromptSpec(), heads, template="plain", one_pass=strategy == "tree",
+                           readout_cache=cache, calibrate=calibrate)
+    assert rr.forward.name == {"tree": "tree", "table": "read-out table"}.get(
+        strategy, "cut-back cache" if any_tiny_dir.name.startswith("llama") else "copied cache")
+    ref = reference_scores(any_tiny_dir, PromptSpec(), heads, calibrate)
+    assert rr.score(QUERY, DOCS).scores == pytest.approx(ref, abs=1e-5)
+    if strategy == "table":  # a second head set and the other calibration: from the stored table, no forward
+        again = AttentionReranker(load(any_tiny_dir), PromptSpec(), heads[:2], template="plain", readout_cache=cache,
+                                  calibrate=not calibrate).score(QUERY, DOCS)
+        assert again.stats.cached and not again.stats.pass_tokens
+        assert again.scores == pytest.approx(reference_scores(any_tiny_dir, PromptSpec(), heads[:2], not calibrate), abs=1e-5)
 
 
 @pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
@@ -65,11 +93,13 @@ def test_scores_match_reference_and_na_pass_reuses_prefix(any_tiny_dir, heads):
     na = encode(lm.tokenizer, texts, "N/A", spec, ("", ""), spec.instruction)
     passes = scored.stats.pass_tokens
     # No pass runs past the query (causal attention: later tokens cannot change the query rows).
-    if rr.croppable:  # one pass over prefix + query, then the N/A query on the cut-back cache
+    from corexp.engine.forward import CopiedCache, CutBackCache
+
+    if isinstance(rr.forward, CutBackCache):  # one pass over prefix + query, then the N/A query on the cut-back cache
         assert passes == [enc.q_end, na.q_end - na.q_start]
     else:  # sliding windows: prefix alone, then each query on its own copy of the prefix cache
         assert passes == [enc.q_start, enc.q_end - enc.q_start, na.q_end - na.q_start]
-    assert rr.croppable == (tiny_dir.name.startswith("llama"))
+    assert type(rr.forward) is (CutBackCache if tiny_dir.name.startswith("llama") else CopiedCache)
     assert passes[-1] < 0.4 * na.length and len(scored.stats.pass_seconds) == len(passes)
 
 

@@ -22,6 +22,7 @@ from corexp.components.heads import DetectionTable
 from corexp.data.datasets import IRDataset, Source, TrecRun
 from corexp.engine.prompt import PromptBuilder
 from corexp.engine.readout_cache import HeadTable
+from corexp.engine.reranker import instance_table
 from corexp.engine.scoring import head_document_scores
 from corexp.errors import CorexpError
 from corexp.files import atomic_write_bytes, cached, stable_key
@@ -135,7 +136,7 @@ def instance_arrays(table: HeadTable, spans: list[tuple[int, int]], n_layers: in
 
 def read_instance(rr: Any, query: str, docs: list[Any], n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """One instance's raw masses and calibrated, masked per-head scores, from one forward (real + N/A query)."""
-    table, enc = rr.detection_readout(query, docs)
+    table, enc = instance_table(rr, query, docs)
     return instance_arrays(table, enc.doc_spans, n_layers, n_heads)
 
 

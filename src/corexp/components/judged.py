@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from corexp.components.detection import instance_arrays
 from corexp.components.heads import DetectionTable
 from corexp.data.datasets import IRDataset, Ranking
+from corexp.engine.reranker import prompt_table
 from corexp.errors import CorexpError
 
 
@@ -65,7 +66,7 @@ def read_judged(rr: Any, ds: IRDataset, candidates: Mapping[str, Ranking], qids:
         missing = [d for d in ids if d not in found]
         if missing:
             raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but {ds.name} has no such id")
-        table, enc, order = rr.head_table(ds.queries[qid], [found[d] for d in ids], qid)
+        table, enc, order = prompt_table(rr, ds.queries[qid], [found[d] for d in ids], qid)
         masses, scores = instance_arrays(table, enc.doc_spans, n_layers, n_heads)
         in_prompt = tuple(ids[i] for i in order)
         rels = ds.qrels.get(qid, {})

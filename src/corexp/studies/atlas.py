@@ -29,6 +29,7 @@ import pandas as pd
 from corexp.components.heads import Head, HeadSelection
 from corexp.config import compose_config
 from corexp.data.evaluation import evaluate
+from corexp.engine.reranker import prompt_table
 from corexp.engine.scoring import document_scores, rank, trec_scores
 from corexp.errors import CorexpError, cli_main
 from corexp.files import stable_key
@@ -73,7 +74,7 @@ def query_tables(job: Job) -> tuple[list[str], dict[str, QueryTables], Any]:
     for qid in data.qids:
         cand = data.candidates.top[qid]
         docs = data.ds.docs.get_many(cand.ids)
-        table, enc, order = rr.head_table(data.ds.queries[qid], [docs[d] for d in cand.ids], qid)
+        table, enc, order = prompt_table(rr, data.ds.queries[qid], [docs[d] for d in cand.ids], qid)
         spans = [(0, 0)] * len(cand)
         for pos, idx in enumerate(order):
             spans[idx] = enc.doc_spans[pos]
