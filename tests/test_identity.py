@@ -60,6 +60,32 @@ def test_the_code_digest_covers_the_compute_path_only(tmp_path):
     assert code_digest.__wrapped__(package) != before
 
 
+def test_an_atlas_computation_edit_reruns_the_atlas_a_log_format_edit_reruns_nothing(tmp_path):
+    """The digest covers exactly what computes a logged number: the atlas's computation (pipeline/atlas.py) and the
+    job's metrics (pipeline/results.py) are in; how they are logged (pipeline/record.py, studies/atlas.py) is out."""
+    from corexp.tracking.identity import code_digest
+
+    package = tmp_path / "corexp"
+    shutil.copytree(ROOT / "src" / "corexp", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest.__wrapped__(package)
+    record = package / "pipeline" / "record.py"
+    text = record.read_text()
+    record.write_text(text.replace('"selected_heads.json"', '"chosen_heads.json"').replace(
+        '{"dataset": job.data.name,', '{"data_set": job.data.name,'))
+    assert record.read_text() != text
+    with open(package / "studies" / "atlas.py", "a") as fh:
+        fh.write("\nATLAS_LOG_FORMAT = 2\n")
+    assert code_digest.__wrapped__(package) == before
+    atlas = package / "pipeline" / "atlas.py"
+    code = atlas.read_text()
+    atlas.write_text(code.replace('.head(k)', '.head(k + 1)', 1))
+    assert atlas.read_text() != code and code_digest.__wrapped__(package) != before
+    atlas.write_text(code)
+    results = package / "pipeline" / "results.py"
+    results.write_text(results.read_text().replace("np.percentile(lat, 95)", "np.percentile(lat, 90)", 1))
+    assert code_digest.__wrapped__(package) != before
+
+
 def test_a_code_change_reruns_the_config_and_unchanged_code_skips(tmp_path, tiny):
     """A copy of the package (src/corexp + conf) stands for a checkout: editing its scoring code changes the runs'
     identity; the rerun says why in one line, and a third run with the same code skips. Editing a report module does

@@ -265,6 +265,6 @@ def test_the_atlas_builds_into_the_store_it_is_given(monkeypatch):
     from corexp.studies import atlas
 
     seen = []
-    monkeypatch.setattr(atlas, "run", lambda overrides, widths, k, experiment: seen.append(overrides))
+    monkeypatch.setattr(atlas, "run", lambda overrides, widths, k, experiment, marks: seen.append(overrides))
     assert atlas.main(["model=smollm2", "--tracking-uri", "sqlite:////elsewhere/m.db"]) == 0
     assert seen == [["model=smollm2", "tracking.uri=sqlite:////elsewhere/m.db"]]

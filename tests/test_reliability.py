@@ -78,7 +78,6 @@ def test_sigkilled_job_is_marked_failed_and_rerun(tmp_path, tiny_dir):
 
 
 def test_parent_run_of_a_killed_sweep_is_marked_failed(tmp_path):
-    from corexp.callbacks import fail_killed_sweeps
     from corexp.tracking.liveness import ProcessId
     from corexp.tracking.tracker import TrackingSpec
 
@@ -91,7 +90,7 @@ def test_parent_run_of_a_killed_sweep_is_marked_failed(tmp_path):
     alive = client.create_run(exp, tags={"sweep": "parent", **here}).info.run_id
     remote = client.create_run(exp, tags={"sweep": "parent", **here, "sweep_boot_id": "another-machine",
                                           "sweep_pid": str(dead.pid)}).info.run_id
-    assert fail_killed_sweeps(tracker) == 1
+    assert tracker.fail_killed_sweeps() == 1
     status = {r: client.get_run(r).info.status for r in (killed, alive, remote)}
     assert status == {killed: "FAILED", alive: "RUNNING", remote: "RUNNING"}
     assert "killed" in client.get_run(killed).data.tags["failure"]

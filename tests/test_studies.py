@@ -59,8 +59,8 @@ def test_the_atlas_scores_head_sets_as_a_job_does(tiny, tmp_path):
     """ICR and a single head from the atlas equal the nDCG@10 of the jobs with those heads (same queries, same ranking
     rule); layers and windows sum their heads' token scores before the mask, as a job with heads=layers does."""
     from corexp.data.evaluation import evaluate
+    from corexp.pipeline.atlas import compute
     from corexp.pipeline.run import build_reranker, load_eval_data, rerank_queries
-    from corexp.studies.atlas import compute
 
     args = [f"model.path={tiny}", "model.gguf=null", "model.template=plain", "model.name=tiny", "prompt.max_words=20",
             "data.max_queries=4", "first_stage.depth=5", f"paths.cache_dir={tmp_path}/cache", "readout_cache=true"]

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-
-from corexp.tracking.liveness import ProcessId, is_alive
 
 PARENT_FILE = "mlflow_parent_run_id"
 SWEPT_FILE = "swept_keys.json"
@@ -90,7 +87,7 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracker = _tracker(config)
-        fail_killed_sweeps(tracker)
+        tracker.fail_killed_sweeps()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task)
@@ -98,14 +95,10 @@ class MlflowSweepCallback(Callback):
         swept = [o.lstrip("+") for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~").replace("/", ".") in keys]
         params = config.hydra.get("sweeper", {}).get("params") or {}
         swept += [f"{k}={v}" for k, v in params.items() if k in keys and not any(s.startswith(f"{k}=") for s in swept)]
-        run = tracker.client.create_run(
-            tracker.experiment_id, run_name=" · ".join(["sweep", *swept, f"{sweep_dir.parent.name} {sweep_dir.name}"]),
-            tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
-                  **{f"sweep_{k}": v for k, v in ProcessId.current().tags().items()}, "heartbeat": f"{time.time():.0f}"},
-        )
-        self.run_id = run.info.run_id
-        os.environ[PARENT_ENV] = run.info.run_id
-        (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
+        self.run_id = tracker.start_parent(" · ".join(["sweep", *swept, f"{sweep_dir.parent.name} {sweep_dir.name}"]),
+                                           {"overrides": overrides, "sweep_dir": str(sweep_dir)})
+        os.environ[PARENT_ENV] = self.run_id
+        (sweep_dir / PARENT_FILE).write_text(self.run_id)
         (sweep_dir / SWEPT_FILE).write_text(json.dumps(keys))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -121,11 +114,9 @@ class MlflowSweepCallback(Callback):
         if os.environ.get(PARENT_ENV) == run_id:
             del os.environ[PARENT_ENV]
         if run_id:
-            tracker = _tracker(config)
-            if failed:
-                tracker.client.set_tag(run_id, "failure", f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " +
-                                       "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]))
-            tracker.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+            reason = f"{len(failed)} of {max(jobs, len(failed))} jobs failed: " + \
+                "; ".join(p.read_text().splitlines()[-1][:200] for p in failed[:5]) if failed else ""
+            _tracker(config).end(run_id, reason)
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -143,16 +134,3 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys |= {k for k, v in params.items() if "," in str(v) or str(v).startswith(("range(", "choice("))}
     return sorted(keys)
 
-
-def fail_killed_sweeps(tracker: Any) -> int:
-    """Parent runs left RUNNING by a sweep whose process is provably gone (killed): FAILED, with the reason. A sweep
-    running elsewhere or still alive is left alone (corexp.tracking.liveness); children are each job's to judge."""
-    stale = 0
-    for run in tracker.runs("tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
-        tags = {k[len("sweep_"):]: v for k, v in run.tags.items() if k.startswith("sweep_")}
-        tags["heartbeat"] = run.tags.get("heartbeat", "")
-        if not is_alive(tags, run.start_ms, float("inf"), here=tracker.here):  # no heartbeat rule for parents
-            tracker.client.set_tag(run.run_id, "failure", "the sweep's process was killed before it ended")
-            tracker.client.set_terminated(run.run_id, status="FAILED")
-            stale += 1
-    return stale

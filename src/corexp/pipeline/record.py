@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
 from corexp.components import heads as H
 from corexp.data.datasets import write_trec_run
-from corexp.data.evaluation import LENGTH_BIASED_RATIO, gold_above_longest, metric_key
 from corexp.job import Job
-from corexp.pipeline.results import EvalData, JobResult
+from corexp.pipeline.results import EvalData, JobResult, per_query_rows, result_metrics
 from corexp.tracking.figures import heads_histogram, score_heatmap
 from corexp.tracking.tracker import ActiveRun
 
@@ -41,68 +37,19 @@ def log_data(run: ActiveRun, job: Job, data: EvalData) -> None:
 def log_result(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
     """Metrics, head artifacts, TREC runs and per-query tables of one finished job."""
     import pandas as pd
-    import torch
 
     if res.selection.reselected:
         run.set_tags({"heads_reselected": "true"})
     run.set_tags({"model_source": res.model_loaded, "model_sha256": res.model.sha256 or "n/a"})
     log_heads(run, job, res, out_dir)
-    fs, rr = res.data.evaluation, res.evaluation
-    metrics: dict[str, float] = {}
-    for stage, evaluation in (("first_stage", fs), ("rerank", rr)):
-        metrics.update({metric_key(stage, m): evaluation.means[str(m)] for m in job.measures})
-    stats, lat = res.reranking.stats, np.array(res.reranking.latencies)
-    if lat.size:
-        metrics.update({"latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
-                        "latency_p95_s": float(np.percentile(lat, 95))})
-    if stats:
-        metrics.update({"prompt_tokens_mean": float(np.mean([s.prompt_tokens for s in stats])),
-                        "readout_cache_hits": float(sum(s.cached for s in stats)),
-                        "forward_passes_mean": float(np.mean([len(s.pass_tokens) for s in stats])),
-                        "queries": float(len(res.data.qids)), "dropped_candidates": float(sum(s.dropped_docs for s in stats)),
-                        "span_mismatches": float(sum(s.span_mismatches for s in stats)), "kept_layers": float(res.kept_layers),
-                        "degenerate_queries": float(len(res.reranking.degenerate)),
-                        "peak_memory_mb": float(res.peak_memory_mb),  # this job's model + re-ranking, above its start
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        if torch.cuda.is_available():
-            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    bias = length_bias(res)
-    if bias:
-        gal = [g for g, _ in bias.values()]
-        biased = [g for g, ratio in bias.values() if ratio <= LENGTH_BIASED_RATIO]
-        metrics.update({"length_bias.gal": float(np.mean(gal)), "length_bias.queries": float(len(gal)),
-                        "length_bias.queries_biased": float(len(biased))})
-        if biased:
-            metrics["length_bias.gal_biased"] = float(np.mean(biased))
-    metrics.update({"wall_time_s": float(res.wall_time_s), "cpu_time_s": float(res.cpu_time_s)})
-    if res.model.parameters:
-        metrics["model_parameters"] = float(res.model.parameters)
+    metrics = result_metrics(res, job.measures)
     run.log_metrics(metrics)
     write_trec_run(res.reranking.run, out_dir / "rerank.trec", f"corexp-{job.heads.name}")
     write_trec_run(res.data.candidates.top, out_dir / "first_stage.trec", res.data.candidates.provenance)
-    rows = []
-    for q in sorted(fs.per_query):
-        row = {"query_id": q}
-        for stage, evaluation in (("first_stage", fs), ("rerank", rr)):
-            row.update({metric_key(stage, m): evaluation.per_query.get(q, {}).get(str(m), 0.0) for m in job.measures})
-        gal, ratio = bias.get(q, (float("nan"), float("nan")))
-        rows.append({**row, "length_bias.gal": gal, "length_bias.ratio": ratio})
+    rows = per_query_rows(res, job.measures)
     pd.DataFrame(rows).to_csv(out_dir / "per_query.csv", index=False)
     pd.DataFrame(res.reranking.rows).to_csv(out_dir / "scores.csv", index=False)
     run.log_artifacts([out_dir / f for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv")])
-
-
-def length_bias(res: JobResult) -> dict[str, tuple[float, float]]:
-    """Per query: (gold above the longest non-relevant candidate, length ratio) — CoRe's length-bias test."""
-    words: dict[str, dict[str, int]] = {}
-    for r in res.reranking.rows:
-        words.setdefault(r["query_id"], {})[r["doc_id"]] = int(r["words"])
-    out = {}
-    for qid, ranking in res.reranking.run.items():
-        got = gold_above_longest(ranking, res.data.ds.qrels.get(qid, {}), words.get(qid, {}))
-        if got is not None:
-            out[qid] = got
-    return out
 
 
 def log_fold_heads(run: ActiveRun, res: JobResult, out_dir: Path) -> None:
@@ -113,9 +60,8 @@ def log_fold_heads(run: ActiveRun, res: JobResult, out_dir: Path) -> None:
     plan = res.plan
     sels = plan.selections
     run.log_params({"selected_heads": " | ".join(H.format_heads(s.heads) if s.heads else "all" for s in sels)})
-    pairs = [(a, b) for a in range(len(sels)) for b in range(a + 1, len(sels))]
-    if pairs and all(s.heads for s in sels):
-        run.log_metrics({"heads.fold_jaccard_mean": float(np.mean([H.jaccard(sels[a].heads, sels[b].heads) for a, b in pairs]))})
+    if plan.fold_jaccard_mean is not None:
+        run.log_metrics({"heads.fold_jaccard_mean": plan.fold_jaccard_mean})
     folds = [{"fold": f, "heads": H.format_heads(s.heads or []), "metric": s.metric, "instances": s.instances,
               "window": list(s.window) if s.window else None, "detected_on": list(plan.detected_on[f]),
               "scored": sorted(q for q, g in plan.fold_of.items() if g == f)} for f, s in enumerate(sels)]

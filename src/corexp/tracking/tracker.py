@@ -144,6 +144,17 @@ class Claim:
     run: ActiveRun | None = None
 
 
+def all_runs(client: Any, experiment_ids: list[str], filter_string: str = "") -> list[StoredRun]:
+    """Every run of the experiments matching the filter, page by page (the one paging loop)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        out += [StoredRun.of(r) for r in page]
+        token = page.token
+        if not token:
+            return out
+
+
 class Tracker:
     def __init__(self, spec: TrackingSpec, mlflow: Any, experiment_id: str):
         self.spec = spec
@@ -215,13 +226,7 @@ class Tracker:
 
     # -- reading ----------------------------------------------------------------------------------------------
     def runs(self, filter_string: str = "") -> list[StoredRun]:
-        out, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
-            out += [StoredRun.of(r) for r in page]
-            token = page.token
-            if not token:
-                return out
+        return all_runs(self.client, [self.experiment_id], filter_string)
 
     def identity_runs(self, config_hash: str) -> list[StoredRun]:
         return self.runs(f"tags.config_hash = '{config_hash}'")
@@ -234,9 +239,34 @@ class Tracker:
         """RUNNING job runs of the experiment whose process is provably gone (killed jobs): FAILED, with the reason."""
         stale = [r for r in self.runs("attributes.status = 'RUNNING'") if r.tags.get("sweep") != "parent" and not self.alive(r)]
         for r in stale:
-            self.client.set_tag(r.run_id, "failure", "its process is gone (killed, or its machine stopped) while RUNNING")
-            self.client.set_terminated(r.run_id, status="FAILED")
+            self.end(r.run_id, "its process is gone (killed, or its machine stopped) while RUNNING")
         return len(stale)
+
+    def fail_killed_sweeps(self) -> int:
+        """Sweep parent runs left RUNNING by a process that is provably gone (killed): FAILED, with the reason. A sweep
+        running elsewhere or still alive is left alone; children are each job's to judge."""
+        stale = 0
+        for run in self.runs("tags.sweep = 'parent' and attributes.status = 'RUNNING'"):
+            tags = {k[len("sweep_"):]: v for k, v in run.tags.items() if k.startswith("sweep_")}
+            tags["heartbeat"] = run.tags.get("heartbeat", "")
+            if not is_alive(tags, run.start_ms, float("inf"), here=self.here):  # no heartbeat rule for parents
+                self.end(run.run_id, "the sweep's process was killed before it ended")
+                stale += 1
+        return stale
+
+    # -- sweep parents ----------------------------------------------------------------------------------------
+    def start_parent(self, name: str, tags: dict[str, str]) -> str:
+        """A sweep's parent run (RUNNING until `end`), tagged with this process's identity and a heartbeat."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "sweep": "parent", **tags, **{f"sweep_{k}": v for k, v in self.here.tags().items()},
+            "heartbeat": f"{time.time():.0f}"})
+        return run.info.run_id
+
+    def end(self, run_id: str, failure: str = "") -> None:
+        """Terminate a run: FINISHED, or FAILED with the reason as its `failure` tag."""
+        if failure:
+            self.client.set_tag(run_id, "failure", failure)
+        self.client.set_terminated(run_id, status="FAILED" if failure else "FINISHED")
 
     # -- the identity claim -----------------------------------------------------------------------------------
     def claim(self, request: RunRequest, force: bool = False) -> Claim:
@@ -462,14 +492,8 @@ class Store:
 
     def finished_runs(self, experiments: list[str]) -> list[StoredRun]:
         """FINISHED job runs (sweep parents left out) of the experiments."""
-        out, token = [], None
-        ids = self.experiment_ids(experiments)
-        while True:
-            page = self.client.search_runs(ids, "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
-            out += [StoredRun.of(r) for r in page if r.data.tags.get("sweep") != "parent"]
-            token = page.token
-            if not token:
-                return out
+        runs = all_runs(self.client, self.experiment_ids(experiments), "attributes.status = 'FINISHED'")
+        return [r for r in runs if r.tags.get("sweep") != "parent"]
 
     def artifact(self, run_id: str, path: str) -> Path:
         """A run's artifact as a local file (downloaded when the store is remote)."""
