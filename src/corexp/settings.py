@@ -3,9 +3,9 @@
 
 Every user setting is a field of a dataclass declared with `setting(...)`: the structured schemas of config.py (model,
 data, prompt, detection, tracking, encoder, the job's top level) and the component classes that Hydra instantiates
-(heads, first_stage, truncation, fusion options; see components.py). The command-line pre-check, the check of the
-composed config and the README's "Settings" table are all generated from these declarations, the way ir_measures
-declares the parameters of its measures.
+(heads, first_stage, truncation, fusion options; the corexp.components package). The command-line pre-check, the check
+of the composed config and the README's "Settings" table are all generated from these declarations, the way
+ir_measures declares the parameters of its measures.
 """
 
 from __future__ import annotations
