@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 4], help="window widths in layers")
     ap.add_argument("--k", type=int, default=8, help="heads of the oracle top-k (an upper bound)")
     ap.add_argument("--mark", default=",".join(MARKS),
-                    help="the detected sets to mark (each needs its detection table; default: all)")
+                    help="the detected sets to mark, comma-separated, or none (each needs its detection table; default: all)")
     ap.add_argument("--experiment", default="atlas")
     ap.add_argument("--report", action="store_true", help="write the Markdown report of the experiment's atlas runs")
     ap.add_argument("--tracking-uri", default=None,
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args.tracking_uri or f"sqlite:///{project_root()}/mlflow.db", args.experiment, Path(args.out)))
         else:  # the same store for building and for --report
             uri = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
-            run([*args.overrides, *uri], tuple(args.widths), args.k, args.experiment, tuple(args.mark.split(",")))
+            marks = () if args.mark == "none" else tuple(m for m in args.mark.split(",") if m)
+            run([*args.overrides, *uri], tuple(args.widths), args.k, args.experiment, marks)
 
     return cli_main("corexp.atlas", body)
 
