@@ -138,13 +138,15 @@ def tables(t: Transfer) -> dict[str, pd.DataFrame | list[str]]:
                    "p (Holm)": f"{adjusted[(f, against)]:.3g}"} for (f, against), (_, lead) in raw.items()]
         for f in DETECTED:
             sci, cv = t.means(model, f, SCIFACT), t.means(model, f, CV)
-            if sci and cv and oracle is not None:
-                room = 100 * (oracle - sci[0])
-                gaps.append({"model": name, "head set": f, "SciFact": round(100 * sci[0], 1), "DL19 CV": round(100 * cv[0], 1),
-                             "oracle": round(100 * oracle, 1), "gap to the oracle from SciFact": round(room, 1),
+            if cv and oracle is not None:
+                room = 100 * (oracle - sci[0]) if sci else float("nan")
+                gaps.append({"model": name, "head set": f, "SciFact": round(100 * sci[0], 1) if sci else "",
+                             "DL19 CV": round(100 * cv[0], 1), "oracle": round(100 * oracle, 1),
+                             "gap to the oracle from SciFact": round(room, 1) if sci else "",
                              "share closed by DL19 CV": f"{100 * (cv[0] - sci[0]) / (oracle - sci[0]):.0f} %" if room > 0 else "",
+                             "left to the oracle after DL19 CV": round(100 * (oracle - cv[0]), 1),
                              "_closed": (cv[0] - sci[0]) / (oracle - sci[0]) if room > 0 else None,
-                             "_change": 100 * (cv[0] - sci[0])})
+                             "_change": 100 * (cv[0] - sci[0]) if sci else None})
             r_sci, r_cv = t.run(model, f, SCIFACT), t.run(model, f, CV)
             if r_sci is not None and r_cv is not None:
                 base, folds = _heads(r_sci), _heads(r_cv)
@@ -228,7 +230,37 @@ def reading(t: Transfer, out: dict) -> list[str]:
         if parts:
             lines.append(f"- **{name}** (ICR {col['ICR']}, random-k8 {col['random-k8'].split(' [')[0]}, oracle top-8 "
                          f"{col['oracle top-8 (upper bound)'] or 'not computed'}): " + "; ".join(parts) + ".")
-    return lines
+    return lines + answers(t, tests, gaps)
+
+
+def answers(t: Transfer, tests: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+    """The study's two questions, answered from the tables: where in-domain heads beat ICR (Holm p < 0.05), and how
+    much of the gap to the oracle they close (from the SciFact-detected set) or leave."""
+    if not len(tests):
+        return []
+    wins, none = [], []
+    for model in t.study.models:
+        name = MODEL_NAMES.get(model, model)
+        rows = tests[(tests["model"] == name) & (tests["against"] == "ICR")]
+        won = [f"{r['head set'].split(' · ')[0]} {r['difference × 100']} (p = {r['p (Holm)']})" for _, r in rows.iterrows()
+               if float(r["p (Holm)"]) < 0.05 and float(r["difference × 100"]) > 0]
+        (wins if won else none).append(f"{name}: {', '.join(won)}" if won else name)
+    out = [f"- **Does in-domain detection make the chosen heads pay?** Cross-validated heads beat ICR at "
+           f"{'; '.join(wins) or 'no model size'}; no cross-validated set beats ICR at {', '.join(none) or 'no model size'}."]
+    if len(gaps):
+        parts = []
+        for model in t.study.models:
+            name = MODEL_NAMES.get(model, model)
+            g = gaps[(gaps["model"] == name) & gaps["head set"].isin(["CoRe-k8", "QRHead-k8"])]
+            said = [f"{r['head set']} " + (f"closes {r['share closed by DL19 CV']} of it" if r["share closed by DL19 CV"]
+                                          and r["_closed"] >= 0 else "closes none of it" if r["share closed by DL19 CV"]
+                                          else "SciFact cell missing") + f", {r['left to the oracle after DL19 CV']} left"
+                    for _, r in g.iterrows()]
+            if said:
+                parts.append(f"{name}: {'; '.join(said)}")
+        out.append("- **How much of the gap to the oracle does it close?** (gap = oracle top-8 − the SciFact-detected set; "
+                   "left = oracle − the cross-validated set, × 100) " + " · ".join(parts) + ".")
+    return out
 
 
 def figure(t: Transfer, path: Path) -> Path:
