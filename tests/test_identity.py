@@ -62,7 +62,8 @@ def test_the_code_digest_covers_the_compute_path_only(tmp_path):
 
 def test_an_atlas_computation_edit_reruns_the_atlas_a_log_format_edit_reruns_nothing(tmp_path):
     """The digest covers exactly what computes a logged number: the atlas's computation (pipeline/atlas.py) and the
-    job's metrics (pipeline/results.py) are in; how they are logged (pipeline/record.py, studies/atlas.py) is out."""
+    job's metrics (pipeline/results.py) are in; how they are logged (pipeline/record.py, pipeline/atlas_record.py) and
+    reported (studies/atlas.py) is out."""
     from corexp.tracking.identity import code_digest
 
     package = tmp_path / "corexp"
@@ -74,7 +75,9 @@ def test_an_atlas_computation_edit_reruns_the_atlas_a_log_format_edit_reruns_not
         '{"dataset": job.data.name,', '{"data_set": job.data.name,'))
     assert record.read_text() != text
     with open(package / "studies" / "atlas.py", "a") as fh:
-        fh.write("\nATLAS_LOG_FORMAT = 2\n")
+        fh.write("\nATLAS_REPORT_FORMAT = 2\n")
+    logged = package / "pipeline" / "atlas_record.py"
+    logged.write_text(logged.read_text().replace('"best_head.nDCG_at_10"', '"best_single_head.nDCG_at_10"'))
     assert code_digest.__wrapped__(package) == before
     atlas = package / "pipeline" / "atlas.py"
     code = atlas.read_text()

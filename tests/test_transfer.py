@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import ttest_rel
-from test_scaling import QUERIES, FakeStore
+from test_scaling import FakeStore
 
 from corexp.report.tables import holm
 from corexp.studies import scaling, transfer

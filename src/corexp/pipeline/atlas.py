@@ -1,7 +1,9 @@
-"""The head atlas's computation (studies/atlas.py runs, logs and reports it): for one job's model and data, the nDCG@10
-of every single head, every layer and every window of consecutive layers, of detected head sets, of ICR and of the
-oracle top-k, all scored from the read-out cache exactly as a job scores a head set (METHOD.md §3). In the compute path:
-a change here changes the code digest, so an atlas of older code is computed again."""
+"""The head atlas's computation (pipeline/atlas_record.py runs and logs it, studies/atlas.py reports it): for one
+job's model and data, the nDCG@10 of every single head, every layer and every window of consecutive layers, of
+detected head sets, of ICR and of the oracle top-k, all scored from the read-out cache exactly as a job scores a head
+set (METHOD.md §3). In the compute path: a change here changes the code digest, so an atlas of older code is computed
+again.
+"""
 
 from __future__ import annotations
 

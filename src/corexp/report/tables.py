@@ -26,9 +26,9 @@ import pandas as pd
 
 from corexp.data.evaluation import metric_key, parse_measures
 from corexp.errors import CorexpError, cli_main
-from corexp.job import Labels
 from corexp.locations import project_root
 from corexp.tracking.identity import code_digest
+from corexp.tracking.labels import Labels
 from corexp.tracking.tracker import Store
 
 BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",

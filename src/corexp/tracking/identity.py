@@ -1,11 +1,11 @@
 """Which code computed a run: a digest of the compute path's code and of the libraries that change its numbers.
 
 The compute path is the packages that turn a config into numbers: corexp.data, corexp.engine, corexp.components and
-corexp.pipeline (the head atlas's computation included, pipeline/atlas.py), without pipeline/record.py, which only
-logs numbers computed elsewhere (pipeline/results.py). Each module enters as its syntax tree without docstrings, so
-rewording a docstring or a comment, or reformatting, reruns nothing, while any change of code does; the report, the
-studies' logging and reports, tracking and the CLI are outside it (editing them never marks a FINISHED run as older
-code).
+corexp.pipeline (the head atlas's computation included, pipeline/atlas.py), without pipeline/record.py and
+pipeline/atlas_record.py, which only log numbers computed elsewhere (pipeline/results.py, pipeline/atlas.py). Each
+module enters as its syntax tree without docstrings, so rewording a docstring or a comment, or reformatting, reruns
+nothing, while any change of code does; the report, the studies, tracking and the CLI are outside it (editing them
+never marks a FINISHED run as older code).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from corexp.locations import PACKAGE_DIR
 
 COMPUTE_PATH = ("data", "engine", "components", "pipeline")
 # Inside the compute path but computing no number: how a finished job's numbers are logged (tags, artifact names).
-LOGGING_ONLY = ("pipeline/record.py",)
+LOGGING_ONLY = ("pipeline/record.py", "pipeline/atlas_record.py")
 # Libraries whose version changes the numbers a job computes (attention arithmetic, tokenization, retrieval, measures).
 NUMERIC_LIBRARIES = ("torch", "transformers", "tokenizers", "sentence-transformers", "bm25s", "PyStemmer", "ir_measures")
 
