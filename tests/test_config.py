@@ -3,6 +3,7 @@
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,44 @@ def test_a_run_name_shows_only_what_its_job_computes_with():
     assert name("heads=all", "heads.seed=0") == "smollm2 · ICR · scifact-sample"
     assert name("heads=core", "heads.seed=0") == "smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample"
     assert name("heads=random", "heads.seed=1") == "smollm2 · random-k8 · trunc=auto · scifact-sample · heads.seed=1"
+
+
+# -- keys: one per component, ir_measures style ------------------------------------------------------------------------
+def _components(component, prefix):
+    """The component and every nested component, with their dotted places."""
+    from corexp.settings import Component
+
+    yield prefix, component
+    for name in component.settings():
+        value = getattr(component, name)
+        if isinstance(value, Component):
+            yield from _components(value, f"{prefix}.{name}")
+
+
+@pytest.mark.parametrize("group", [*GROUPS, *[g for g in GROUP_CLASSES if g != "first_stage/encoder"], *NESTED])
+def test_every_options_key_parses_back_into_the_component(group):
+    """`parse_key(c.key()) == c` for every option of every group, nested strategies included; defaults are left out."""
+    from corexp.settings import parse_key
+
+    parent = {"first_stage/encoder": ["first_stage=dense"]}
+    for name in _options(group):
+        job = build_job([*parent.get(group, []), f"{group}={name}"])
+        for where, component in _components(job.components()[group.split("/")[0]], group):
+            key = component.key()
+            assert parse_key(key) == component, (where, key)
+
+
+def test_a_key_names_only_what_differs_from_the_defaults_and_refuses_what_it_cannot_be():
+    from corexp.settings import parse_key
+
+    job = build_job(["heads=core", "heads.k=4", "heads.tau=0.05", "prompt.doc_order=shuffled", "prompt.doc_order.seed=3"])
+    assert job.heads.key() == "CoRe(k=4,tau=0.05)"
+    assert build_job(["heads=window", "heads.width=3"]).heads.key() == "Window(width=3)"
+    assert build_job(["heads=all"]).heads.key() == "ICR()"
+    assert build_job(["heads=qrhead", "heads.variant=lme"]).heads.key() == "QRHead(variant='lme')"
+    assert "doc_order=ShuffledOrder(seed=3)" in job.prompt.key()
+    assert parse_key(job.prompt.key()) == job.prompt
+    for bad, why in (("CoRe(k=4", "is not a component key"), ("Nothing(k=1)", "no component is keyed 'Nothing'"),
+                     ("CoRe(width=3)", "CoRe has no setting 'width'")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_key(bad)

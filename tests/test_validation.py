@@ -153,6 +153,12 @@ def test_rules_agree_with_the_spec(key, value):
         with pytest.raises(CorexpError, match="detection.positions="):
             validate(compose_cfg([*BASE, override(key, value)]))
         return
+    if key == "detection.num_queries" and value is None:  # null: every judged query, for judged instances only
+        assert check_overrides([override(key, value)]) is None
+        with pytest.raises(CorexpError, match="detection.num_queries=null is not allowed with detection.instances=sampled"):
+            validate(compose_cfg([*BASE, override(key, value)]))
+        assert validate(compose_cfg([*BASE, "detection=crossval", override(key, value)])) is None
+        return
     msg = check_overrides([override(key, value)])
     assert (msg is None) == allowed, (key, value, msg)
     if not allowed:

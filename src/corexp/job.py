@@ -8,6 +8,7 @@ fingerprint, the code digest), its name and labels, its logged params and the dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -156,12 +157,20 @@ class Job:
         fingerprint = stable_key(content)
         return Identity(stable_key({**setup, "content": content}), code_digest(), stable_key(setup), fingerprint)
 
+    def keys(self) -> dict[str, str]:
+        """Each computing component's key (settings.Component.key: `CoRe(tau=0.1)`), the model's τ resolved."""
+        heads = self.heads
+        if getattr(heads, "tau", 0) is None:
+            heads = dataclasses.replace(heads, tau=self.model.tau)
+        return {group: (heads if group == "heads" else c).key() for group, c in self.components().items()
+                if group != "tracking" and (group != "detection" or self.heads.needs_detection)}
+
     def params(self) -> dict[str, str]:
-        """MLflow params: every component's settings, flattened (paths left out)."""
+        """MLflow params: every component's settings, flattened (paths left out), and each component's key."""
         tree = {"seed": self.options.seed, "readout_cache": self.options.readout_cache,
                 **{group: plain(c) for group, c in self.components().items()}}
         tree["model"]["dtype_resolved"] = str(self.model.torch_dtype).replace("torch.", "")
-        return flatten(tree)
+        return {**flatten(tree), **{f"key.{group}": key for group, key in self.keys().items()}}
 
     # -- how it is named ----------------------------------------------------------------------------------------
     def labels(self) -> Labels:

@@ -142,12 +142,30 @@ def markdown_table(rows: list[tuple[str, Declaration]]) -> str:
     return "\n".join(lines)
 
 
+_KEYED: dict[str, type] = {}  # key name -> component class (every subclass of Component, registered on definition)
+
+
 class Component:
     """Base of every component built at the door from a config group's `_target_` (a frozen dataclass whose fields are
     declared with `setting`). `name` is its option (the YAML file's stem); nested components (a prompt's span rule,
-    a dense first stage's encoder) are fields holding components."""
+    a dense first stage's encoder) are fields holding components.
+
+    Its **key** is ir_measures' idea of a measure's repr: `CoRe(k=4,tau=0.05)`, `Window(width=3)`, `BM25(depth=50)` —
+    the key name and every setting that differs from its declared default, nested components as their keys. The key
+    names the component and parses back into it (`parse_key`)."""
 
     name: typing.ClassVar[str] = ""
+    key_name: typing.ClassVar[str] = ""  # the key's name (default: the class name)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _KEYED[cls.__dict__.get("key_name") or cls.__name__] = cls
+
+    def key(self) -> str:
+        """`Name(setting=value,...)`: the settings that differ from their defaults, in declaration order."""
+        parts = [f"{name}={_key_value(getattr(self, name))}" for name, d in declarations(type(self)).items()
+                 if getattr(self, name) != d.default]
+        return f"{type(self).__dict__.get('key_name') or type(self).__name__}({','.join(parts)})"
 
     def settings(self) -> dict[str, Any]:
         """Its settings' values as plain data (what it computes with): logged as params, part of the run identity.
@@ -171,3 +189,45 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def _key_value(value: Any) -> str:
+    if isinstance(value, Component):
+        return value.key()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_key_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_key_value(k)}:{_key_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def parse_key(text: str) -> Component:
+    """The component a key names (`Component.key`): `parse_key(c.key()) == c` for every component."""
+    import ast
+
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        node = None
+    if not isinstance(node, ast.Call):
+        raise ValueError(f"'{text}' is not a component key (Name(setting=value,...))")
+    return _build(node, text)
+
+
+def _build(node: Any, text: str) -> Any:
+    import ast
+
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        cls = _KEYED.get(node.func.id)
+        if cls is None or node.args:
+            raise ValueError(f"'{text}': no component is keyed '{node.func.id}'")
+        own = declarations(cls)
+        unknown = [kw.arg for kw in node.keywords if kw.arg not in own]
+        if unknown:
+            raise ValueError(f"'{text}': {node.func.id} has no setting '{unknown[0]}' ({', '.join(own)})")
+        return cls(**{kw.arg: _build(kw.value, text) for kw in node.keywords})
+    if isinstance(node, ast.List):
+        return [_build(v, text) for v in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_build(k, text): _build(v, text) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)

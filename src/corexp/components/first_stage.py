@@ -81,6 +81,8 @@ class FirstStage(Component):
 class DatasetRun(FirstStage):
     """The data set's own run only (a TREC file or ir_datasets scoreddocs)."""
 
+    key_name: ClassVar[str] = "Run"
+
     name: ClassVar[str] = "run"
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
@@ -114,6 +116,8 @@ class BM25(BM25Params, FirstStage):
 class AutoFirstStage(BM25):
     """The data set's own run where it covers the queries (a test-split run has no training queries), else BM25."""
 
+    key_name: ClassVar[str] = "Auto"
+
     name: ClassVar[str] = "auto"
 
     def retrieve(self, ds: IRDataset, query_ids: list[str], cache_dir: Path, progress: bool = True) -> tuple[TrecRun, str]:
@@ -131,6 +135,8 @@ class AutoFirstStage(BM25):
 class Dense(FirstStage):
     """A sentence-transformers bi-encoder (first_stage/encoder): corpus embeddings computed once per encoder and
     corpus content (a float16 memory map under paths.cache_dir), exact chunked top-k search."""
+
+    key_name: ClassVar[str] = "Dense"
 
     name: ClassVar[str] = "dense"
     encoder: EncoderSpec | None = setting(None, doc="the bi-encoder (first_stage/encoder=minilm: all-MiniLM-L6-v2 from a "

@@ -25,6 +25,8 @@ class Fusion(Component):
 class NoFusion(Fusion):
     """The attention score alone."""
 
+    key_name: ClassVar[str] = "NoFusion"
+
     name: ClassVar[str] = "none"
 
     def fuse(self, doc_ids: list[str], attn_scores: list[float], first_scores: list[float]) -> list[float]:
@@ -34,6 +36,8 @@ class NoFusion(Fusion):
 @dataclass(frozen=True)
 class LinearFusion(Fusion):
     """alpha * minmax(attention score) + (1 - alpha) * minmax(first-stage score), per query."""
+
+    key_name: ClassVar[str] = "Linear"
 
     name: ClassVar[str] = "linear"
     alpha: float = setting(0.5, ge=0, le=1, doc="weight of the attention score")
@@ -51,6 +55,8 @@ class LinearFusion(Fusion):
 @dataclass(frozen=True)
 class RRFFusion(Fusion):
     """Reciprocal-rank fusion of the attention ranking and the first-stage ranking: sum of 1 / (rrf_k + rank)."""
+
+    key_name: ClassVar[str] = "RRF"
 
     name: ClassVar[str] = "rrf"
     rrf_k: int = setting(60, ge=1, doc="reciprocal-rank fusion constant")

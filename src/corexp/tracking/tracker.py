@@ -40,6 +40,8 @@ VIEW_COLUMNS = ["attributes.`Dataset`", "metrics.`rerank.nDCG_at_10`", "metrics.
 class TrackingSpec(Component):
     """The `tracking` group: where runs are logged and how other processes' runs are judged."""
 
+    key_name: ClassVar[str] = "Tracking"
+
     name: ClassVar[str] = "mlflow"
     uri: str = setting(doc="MLflow tracking URI (sqlite:///<file>, a folder, or http(s)://<server>)")
     artifact_location: str | None = setting(None, null="MLflow's default", doc="artifact root of new experiments")
