@@ -1,5 +1,7 @@
 """Re-ranker on a tiny random-weight checkpoint: calibrated scores equal a full eager reference computation."""
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -49,6 +51,12 @@ def reference_scores(tiny_dir, spec, heads, calibrate=True):
     return document_scores(c, enc.doc_spans)
 
 
+@functools.cache
+def cached_reference(tiny_dir, heads, calibrate):
+    """The eager reference of the default prompt, computed once per checkout, head set and calibration."""
+    return reference_scores(tiny_dir, PromptSpec(), list(heads), calibrate)
+
+
 @pytest.mark.parametrize("calibrate", [True, False])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("strategy", ["tree", "cache", "table"])
@@ -68,13 +76,13 @@ def test_every_forward_strategy_with_and_without_calibration_equals_the_eager_re
                            readout_cache=cache, calibrate=calibrate)
     assert rr.forward.name == {"tree": "tree", "table": "read-out table"}.get(
         strategy, "cut-back cache" if any_tiny_dir.name.startswith("llama") else "copied cache")
-    ref = reference_scores(any_tiny_dir, PromptSpec(), heads, calibrate)
+    ref = cached_reference(any_tiny_dir, tuple(heads), calibrate)
     assert rr.score(QUERY, DOCS).scores == pytest.approx(ref, abs=1e-5)
     if strategy == "table":  # a second head set and the other calibration: from the stored table, no forward
         again = AttentionReranker(load(any_tiny_dir), PromptSpec(), heads[:2], template="plain", readout_cache=cache,
                                   calibrate=not calibrate).score(QUERY, DOCS)
         assert again.stats.cached and not again.stats.pass_tokens
-        assert again.scores == pytest.approx(reference_scores(any_tiny_dir, PromptSpec(), heads[:2], not calibrate), abs=1e-5)
+        assert again.scores == pytest.approx(cached_reference(any_tiny_dir, tuple(heads[:2]), not calibrate), abs=1e-5)
 
 
 @pytest.mark.parametrize("heads", [None, [(0, 1), (2, 3), (3, 0)]])
