@@ -61,7 +61,7 @@ def reranker(lm, preset, family, dataset="scifact", question_style=False):
 @pytest.mark.parametrize("preset,family", sorted(EXPECTED))
 def test_official_prompt_string_is_exact(tiny_lm, preset, family):
     rr = reranker(tiny_lm, preset, family)
-    enc, order = rr.encode(QUERY, rr.doc_texts(DOCS), "q1")
+    enc, order = rr.prompt.encode(QUERY, rr.doc_texts(DOCS), "q1")
     assert enc.text == EXPECTED[(preset, family)]
     assert order == ([1, 0] if preset != "core_official" else [0, 1])  # ICR/QRHead: top-1 last
 
@@ -75,9 +75,9 @@ def test_presets_define_exactly_the_papers_families(tiny_lm):
 
 def test_icr_question_instruction_and_fiqa_text_only(tiny_lm):
     rr = reranker(tiny_lm, "icr_official", "mistral", dataset="fiqa", question_style=True)
-    text = rr.encode(QUERY, rr.doc_texts(DOCS))[0].text
+    text = rr.prompt.encode(QUERY, rr.doc_texts(DOCS))[0].text
     assert QA in text and IE not in text and "Title A" not in text
-    assert IE in reranker(tiny_lm, "core_official", "mistral", "fiqa", True).encode(QUERY, ["x"])[0].text
+    assert IE in reranker(tiny_lm, "core_official", "mistral", "fiqa", True).prompt.encode(QUERY, ["x"])[0].text
 
 
 def test_word_truncation_splits_on_single_spaces_only():
@@ -108,7 +108,7 @@ def _check_official_spans(tok, preset, family, docs, query):
     lm = SimpleNamespace(tokenizer=tok, kept_layers=1, num_heads=1, max_context=10**6)
     rr = AttentionReranker(lm, cfg.for_dataset("scifact", False), None, template=family)
     texts = rr.doc_texts(docs)
-    enc, order = rr.encode(query, texts)
+    enc, order = rr.prompt.encode(query, texts)
     ids = enc.input_ids[0].tolist()
     offsets = tok(enc.text, return_offsets_mapping=True)["offset_mapping"]
     dec = lambda a, b: tok.decode(ids[a:b], clean_up_tokenization_spaces=False)  # noqa: E731

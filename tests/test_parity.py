@@ -47,7 +47,7 @@ def prompts_of(rr, dl19, with_na=True):
     for q in dl19:
         texts = rr.doc_texts(documents(q))
         for query in ([q["question"], "N/A"] if with_na else [q["question"]]):
-            enc, order = rr.encode(query, texts, q["idx"])
+            enc, order = rr.prompt.encode(query, texts, q["idx"])
             out.append((q, enc, order))
     return out
 
@@ -106,7 +106,7 @@ def test_qrhead_edge_prompts():
         texts = rr.doc_texts(docs)
         for query in (q["question"], "N/A"):
             off = next(official)
-            enc, order = rr.encode(query, texts, q["idx"])
+            enc, order = rr.prompt.encode(query, texts, q["idx"])
             assert off["query"] == query and [docs[i].id for i in order] == off["doc_ids"]
             assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"]
             assert enc.doc_spans == [(a, b + 1) for a, b in off["doc_spans"]]
@@ -133,7 +133,7 @@ def test_core_detection_prompts_spans_and_head_scores():
     for inst, off in zip(instances, official, strict=True):
         docs = [Document(str(p["idx"]), None, p["paragraph_text"]) for p in inst["paragraphs"]]
         pos = next(i for i, p in enumerate(inst["paragraphs"]) if p["is_positive"])
-        enc = encode(lm.tokenizer, rr.doc_texts(docs), inst["question"], rr.spec, rr.template, rr.instruction)
+        enc = encode(lm.tokenizer, rr.doc_texts(docs), inst["question"], rr.spec, rr.prompt.template, rr.prompt.instruction)
         assert enc.text == off["text"] and enc.input_ids[0].tolist() == off["ids"] and pos == off["pos_index"]
         assert enc.doc_spans[pos] == tuple(off["pos_span"])
         assert [s for i, s in enumerate(enc.doc_spans) if i != pos] == [tuple(s) for s in off["neg_span"]]
