@@ -20,10 +20,9 @@ QRHead's BEIR variant reads its shuffled instances in a forward of their own. Re
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
-import time
+
+from _sweeps import run_all
 
 MODELS = ["smollm2", "gemma3", "qwen25coder", "qwen25coder15"]
 SEEDS = "0,1,2,3,4"
@@ -67,14 +66,7 @@ def main() -> int:
                     args_ = dict(a.split("=", 1) for a in [f"model={model}", *common, f"tracking.experiment={args.experiment}",
                                                            *sweep])  # later ones win
                     cmds.append([sys.executable, "-m", "corexp", "-m", *[f"{k}={v}" for k, v in args_.items()]])
-            for cmd in cmds:
-                print("$", shlex.join(cmd[1:]), flush=True)
-                if args.dry_run:
-                    continue
-                t0 = time.time()
-                code = subprocess.call(cmd)
-                failed += code != 0
-                print(f"# exit {code} after {time.time() - t0:.0f} s", flush=True)
+            failed += run_all(cmds, args.dry_run)
     return 1 if failed else 0
 
 

@@ -15,10 +15,9 @@ Resumable: a finished cell is skipped.
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
-import time
+
+from _sweeps import run_all
 
 MODELS = ["smollm2", "gemma3", "qwen25coder", "qwen25coder15"]
 
@@ -30,20 +29,11 @@ def main() -> int:
     ap.add_argument("--experiment", default="transfer")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
-    failed = 0
-    for model in args.models.split(","):
-        for sweep in (["heads=core,window"], ["heads=qrhead", "heads.variant=beir,lme"]):
-            cmd = [sys.executable, "-m", "corexp", "-m", f"model={model}", "data=dl19", f"data.local_dir={args.data_dir}/dl19",
-                   "detection=crossval", "heads.k=8", "readout_cache=true", "progress=false",
-                   f"tracking.experiment={args.experiment}", *sweep]
-            print("$", shlex.join(cmd[1:]), flush=True)
-            if args.dry_run:
-                continue
-            t0 = time.time()
-            code = subprocess.call(cmd)
-            failed += code != 0
-            print(f"# exit {code} after {time.time() - t0:.0f} s", flush=True)
-    return 1 if failed else 0
+    cmds = [[sys.executable, "-m", "corexp", "-m", f"model={model}", "data=dl19", f"data.local_dir={args.data_dir}/dl19",
+             "detection=crossval", "heads.k=8", "readout_cache=true", "progress=false",
+             f"tracking.experiment={args.experiment}", *sweep]
+            for model in args.models.split(",") for sweep in (["heads=core,window"], ["heads=qrhead", "heads.variant=beir,lme"])]
+    return 1 if run_all(cmds, args.dry_run) else 0
 
 
 if __name__ == "__main__":

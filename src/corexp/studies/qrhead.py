@@ -22,7 +22,6 @@ from corexp.errors import cli_main
 from corexp.locations import project_root
 from corexp.report.tables import holm
 from corexp.studies.scaling import (
-    DEFAULT_MODELS,
     MEASURE,
     MODEL_NAMES,
     Study,
@@ -30,6 +29,7 @@ from corexp.studies.scaling import (
     _lead,
     _md,
     _ttest,
+    study_arguments,
     study_frame,
     update_readme,
 )
@@ -154,11 +154,8 @@ def write(uri: str, experiment: str, out: Path, models: list[str], readme: Path 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corexp.studies.qrhead", description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiment", default="scaling")
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    ap.add_argument("--out", default=str(project_root() / "docs" / "qrhead.md"))
-    ap.add_argument("--readme", action="store_true", help="also rewrite the README's reading between its markers")
+    study_arguments(ap, "qrhead.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     readme = project_root() / "README.md" if args.readme else None

@@ -392,6 +392,24 @@ def _order_reading(study: Study, model: str) -> str:
     return (" Other orders — " + "; ".join(parts) + ".") if parts else ""
 
 
+def model_sizes(study: Study) -> tuple[list[str], list[float]]:
+    """The study's models that logged their parameter count, and those counts (a figure's x axis)."""
+    sizes = {}
+    for model in study.models:
+        g = study.df[study.df["model"] == model]
+        sizes[model] = next((m.get("model_parameters") for m in g["metrics"] if m.get("model_parameters")), None)
+    models = [m for m in study.models if sizes.get(m)]
+    return models, [sizes[m] for m in models]
+
+
+def study_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options every study report takes: the store, the models, the output file and the README reading."""
+    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--out", default=str(project_root() / "docs" / out))
+    ap.add_argument("--readme", action="store_true", help="also rewrite the README's reading between its markers")
+
+
 def figure(study: Study, path: Path) -> Path:
     import matplotlib
 
@@ -399,12 +417,7 @@ def figure(study: Study, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    sizes = {}
-    for model in study.models:
-        g = study.df[study.df["model"] == model]
-        sizes[model] = next((m.get("model_parameters") for m in g["metrics"] if m.get("model_parameters")), None)
-    models = [m for m in study.models if sizes.get(m)]
-    x = [sizes[m] for m in models]
+    models, x = model_sizes(study)
     for ax, order in zip(axes, ("retriever", "shuffled")):
         fs = [study.first_stage_mean(m) for m in models]
         if fs:
@@ -512,11 +525,8 @@ def update_readme(lines: list[str], readme: Path, markers: tuple[str, str] = REA
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corexp.studies.scaling", description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiment", default="scaling")
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    ap.add_argument("--out", default=str(project_root() / "docs" / "scaling.md"))
-    ap.add_argument("--readme", action="store_true", help="also rewrite the README's reading between its markers")
+    study_arguments(ap, "scaling.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -25,7 +25,19 @@ from corexp.components.heads import jaccard, parse_head
 from corexp.errors import cli_main
 from corexp.locations import project_root
 from corexp.report.tables import holm, load_runs
-from corexp.studies.scaling import DEFAULT_MODELS, MEASURE, MODEL_NAMES, Study, _cell, _lead, _md, _ttest, describe, update_readme
+from corexp.studies.scaling import (
+    MEASURE,
+    MODEL_NAMES,
+    Study,
+    _cell,
+    _lead,
+    _md,
+    _ttest,
+    describe,
+    model_sizes,
+    study_arguments,
+    update_readme,
+)
 from corexp.tracking.tracker import Store
 
 SCIFACT, CV = 0, -1  # the `fold` of a run's role: SciFact train fold 0, or in-domain cross-validation
@@ -270,12 +282,7 @@ def figure(t: Transfer, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     study = t.study
-    sizes = {}
-    for model in study.models:
-        g = study.df[study.df["model"] == model]
-        sizes[model] = next((m.get("model_parameters") for m in g["metrics"] if m.get("model_parameters")), None)
-    models = [m for m in study.models if sizes.get(m)]
-    x = [sizes[m] for m in models]
+    models, x = model_sizes(study)
     fig, axes = plt.subplots(1, len(TESTED), figsize=(13, 4), sharey=True)
     for ax, f in zip(axes, TESTED):
         fs = [study.first_stage_mean(m) for m in models]
@@ -354,12 +361,9 @@ def write(uri: str, experiments: list[str], atlas: str, out: Path, models: list[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corexp.studies.transfer", description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default=f"sqlite:///{project_root()}/mlflow.db")
     ap.add_argument("--experiments", default="scaling,transfer", help="experiments holding the study's runs")
     ap.add_argument("--atlas-experiment", default="atlas")
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    ap.add_argument("--out", default=str(project_root() / "docs" / "transfer.md"))
-    ap.add_argument("--readme", action="store_true", help="also rewrite the README's reading between its markers")
+    study_arguments(ap, "transfer.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     readme = project_root() / "README.md" if args.readme else None
