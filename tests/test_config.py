@@ -288,6 +288,28 @@ def test_a_run_name_shows_only_what_its_job_computes_with():
     assert name("heads=random", "heads.seed=1") == "smollm2 · random-k8 · trunc=auto · scifact-sample · heads.seed=1"
 
 
+def test_names_and_labels_show_where_detected_heads_come_from():
+    """Detection data, fold and size change the numbers: a detected head set's name and report label say them (the
+    default quick set alone is left unnamed); a swept detection setting is not repeated; ICR detects nothing."""
+    from dataclasses import replace
+
+    from corexp.job import RunContext
+
+    def named(*overrides, swept=()):
+        job = replace(build_job(overrides), context=RunContext(tuple(overrides), swept))
+        return job.run_name(), job.labels().method_label()
+
+    assert named("heads=core") == ("smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample", "CoRe-k8 τ=0.1 [trunc=auto]")
+    assert named("heads=core", "detection=scifact_train", "detection.fold=1", swept=("detection.fold",)) == (
+        "smollm2 · CoRe-k8 τ=0.1 · trunc=auto · detected on scifact-train (fold=1) · scifact-sample",
+        "CoRe-k8 τ=0.1 [trunc=auto, detected on scifact-train (fold=1)]")
+    assert named("heads=qrhead", "detection.num_queries=100")[0] == \
+        "smollm2 · QRHead-k16 · trunc=auto · detected on scifact-train-sample (num_queries=100) · scifact-sample"
+    assert named("heads=core", "detection=crossval", "detection.folds=3", swept=("detection.folds",))[0] == \
+        "smollm2 · CoRe-k8 τ=0.1 · trunc=auto · 3-fold CV · scifact-sample"
+    assert named("heads=all", "detection=scifact_train")[0] == "smollm2 · ICR · scifact-sample"
+
+
 # -- keys: one per component, ir_measures style ------------------------------------------------------------------------
 def _components(component, prefix):
     """The component and every nested component, with their dotted places."""

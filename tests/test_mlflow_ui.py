@@ -78,7 +78,8 @@ def test_sweep_runs_have_distinct_descriptive_names(sweep_store):
     children = [r for r in runs if r.data.tags.get("sweep") != "parent"]
     assert len(parents) == 1 and len(children) == 2
     names = sorted(r.info.run_name for r in children)
-    assert names == ["tiny · CoRe-k2 τ=0.1 · trunc=auto · scifact-sample", "tiny · CoRe-k4 τ=0.1 · trunc=auto · scifact-sample"]
+    det = "detected on scifact-train-sample (num_queries=4, num_negatives=3)"
+    assert names == [f"tiny · CoRe-k{k} τ=0.1 · trunc=auto · {det} · scifact-sample" for k in (2, 4)]
     client = mlflow.MlflowClient()
     for r in children:
         inputs = client.get_run(r.info.run_id).inputs.dataset_inputs

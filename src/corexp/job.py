@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16"}
 LOCATION_KEYS = ("local_dir", "run_file", "irds_id")  # where data comes from: replaced by its content in the identity
+DEFAULT_DETECTION = "scifact-train-sample"  # detection=default: not named in run names
 # Overrides that say where a job reads or writes, not what it computes: left out of run names.
 _NAME_NOISE = ("paths.", "tracking.", "hydra.", "progress", "debug", "force", "experiment", "seed", "readout_cache", "dry_run")
 _NAME_NOISE_SUFFIX = ("local_dir", ".path", "run_file", "cache_dir")
@@ -190,9 +191,20 @@ class Job:
         if order:
             extras.append({"group": "prompt", "text": order, "without": {}})
         det = self.detection
-        if self.heads.needs_detection and det.judged:  # where the heads come from changes the numbers: named
-            extras.append({"group": "detection", "text": f"{det.folds}-fold CV" if det.folds else f"detected on {det.name}",
-                           "without": {}})
+        if self.heads.needs_detection:  # where the heads come from changes the numbers: named unless the default set
+            defaults = declarations(type(det))
+            differs = {k: v for k, v in det.settings().items() if k not in ("name", "split", *LOCATION_KEYS)
+                       and v != defaults[k].default}
+
+            def detection_text(hide: str = "") -> str:
+                shown = [f"{k}={'null' if v is None else v}" for k, v in differs.items() if k != hide]
+                if det.folds:
+                    return "in-domain CV" if hide == "folds" else f"{det.folds}-fold CV"
+                return f"detected on {det.name}" + (f" ({', '.join(shown)})" if shown else "")
+
+            if det.judged or detection_text() != f"detected on {DEFAULT_DETECTION}":
+                extras.append({"group": "detection", "text": detection_text(),
+                               "without": {k: detection_text(k) for k in differs}})
         dtype = str(self.model.torch_dtype).replace("torch.", "")
         if dtype != "float32":  # the reference precision; bf16/fp16 runs are named so
             extras.append({"group": "model", "text": DTYPE_LABELS.get(dtype, dtype), "without": {}})
