@@ -142,7 +142,7 @@ def read_instance(rr: Any, query: str, docs: list[Any], n_layers: int, n_heads: 
 
 def fold_order(ds: IRDataset, det: Detection) -> list[str]:
     """The judged queries in one seeded order; detection.fold=i takes the i-th block of eligible queries in it."""
-    judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+    judged = ds.judged_queries()
     random.Random(f"fold-order:{det.seed}").shuffle(judged)
     return judged
 
@@ -178,7 +178,7 @@ def detection_table(det: Detection, prompt: PromptBuilder, first_stage: Any, eva
             "use a different detection split (detection.split / detection.irds_id)"
         )
     if det.fold is None:  # large training splits (NQ train: 132k queries): a seeded pool of judged queries
-        judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+        judged = ds.judged_queries()
         pool = sorted(random.Random(det.seed).sample(judged, min(len(judged), 3 * int(det.num_queries))))
     else:  # the first queries of one seeded order, enough for folds 0..fold: the folds never share a query
         pool = sorted(fold_order(ds, det)[:3 * int(det.num_queries) * (int(det.fold) + 1)])

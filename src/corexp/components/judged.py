@@ -62,11 +62,7 @@ def read_judged(rr: Any, ds: IRDataset, candidates: Mapping[str, Ranking], qids:
         ids = candidates.get(qid, Ranking()).ids
         if not ids:
             continue
-        found = ds.docs.get_many(ids)
-        missing = [d for d in ids if d not in found]
-        if missing:
-            raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but {ds.name} has no such id")
-        table, enc, order = prompt_table(rr, ds.queries[qid], [found[d] for d in ids], qid)
+        table, enc, order = prompt_table(rr, ds.queries[qid], ds.candidate_docs(qid, ids), qid)
         masses, scores = instance_arrays(table, enc.doc_spans, n_layers, n_heads)
         in_prompt = tuple(ids[i] for i in order)
         rels = ds.qrels.get(qid, {})
@@ -118,7 +114,7 @@ def check_disjoint(detection_qids: list[str], evaluation_qids: list[str], what: 
 
 def judged_queries(ds: IRDataset, limit: int | None, seed: int) -> list[str]:
     """The detection data set's judged queries (sorted), or a seeded sample of `limit` of them."""
-    judged = sorted(q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values()))
+    judged = ds.judged_queries()
     if not judged:
         raise CorexpError(f"{ds.name} has no judged-relevant query: it cannot serve as detection data")
     if limit is not None and limit < len(judged):

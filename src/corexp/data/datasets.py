@@ -83,6 +83,20 @@ class IRDataset:
     def __post_init__(self) -> None:
         self.corpus_fingerprint = self.corpus_fingerprint or self.fingerprint
 
+    def candidate_docs(self, query_id: str, ids: list[str]) -> list[Document]:
+        """The documents of a query's first-stage candidates, in the given order; one line naming an id the corpus
+        lacks."""
+        found = self.docs.get_many(ids)
+        missing = [d for d in ids if d not in found]
+        if missing:
+            raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {query_id}, but the corpus of "
+                              f"{self.name} has no such id")
+        return [found[d] for d in ids]
+
+    def judged_queries(self) -> list[str]:
+        """The queries with at least one judged-relevant document (grade > 0), sorted."""
+        return sorted(q for q in self.queries if any(r > 0 for r in self.qrels.get(q, {}).values()))
+
 
 def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")

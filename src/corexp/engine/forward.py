@@ -131,6 +131,13 @@ def separate(lm: Any, enc: EncodedPrompt, na: EncodedPrompt, heads: Heads, clock
     return real_rec, na_rec
 
 
+def na_on_documents(lm: Any, na: EncodedPrompt, cache: Any, heads: Heads, clock: Clock) -> Readout:
+    """The N/A query run on top of a cache that holds the documents alone, its rows recorded."""
+    na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
+    run(lm, na.input_ids, na.q_start, na.q_end, cache, na_rec, clock)
+    return na_rec
+
+
 def tree_readouts(lm: Any, enc: EncodedPrompt, na: EncodedPrompt, heads: Heads, clock: Clock) -> tuple[Readout, Readout]:
     if not shares_prefix(enc, na):
         return separate(lm, enc, na, heads, clock)
@@ -178,9 +185,7 @@ class CutBackCache(PassForward):
         real_rec = Readout(heads, rows=(enc.q_start, enc.q_end), past_len=0)
         cache = run(lm, enc.input_ids, 0, enc.q_end, None, real_rec, clock)
         cache.crop(enc.q_start - enc.q_end)  # negative: drop the query tokens
-        na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
-        run(lm, na.input_ids, na.q_start, na.q_end, cache, na_rec, clock)
-        return real_rec, na_rec
+        return real_rec, na_on_documents(lm, na, cache, heads, clock)
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,7 @@ class CopiedCache(PassForward):
         prefix = run(lm, enc.input_ids, 0, enc.q_start, None, None, clock)
         cache = copy.deepcopy(prefix)
         run(lm, enc.input_ids, enc.q_start, enc.q_end, prefix, real_rec, clock)
-        na_rec = Readout(heads, rows=(0, na.q_end - na.q_start), past_len=na.q_start)
-        run(lm, na.input_ids, na.q_start, na.q_end, cache, na_rec, clock)
-        return real_rec, na_rec
+        return real_rec, na_on_documents(lm, na, cache, heads, clock)
 
 
 def read_table(lm: Any, enc: EncodedPrompt, na: EncodedPrompt, clock: Clock) -> HeadTable:

@@ -54,8 +54,7 @@ def query_tables(job: Job) -> tuple[list[str], dict[str, QueryTables], Any]:
     out = {}
     for qid in data.qids:
         cand = data.candidates.top[qid]
-        docs = data.ds.docs.get_many(cand.ids)
-        table, enc, order = prompt_table(rr, data.ds.queries[qid], [docs[d] for d in cand.ids], qid)
+        table, enc, order = prompt_table(rr, data.ds.queries[qid], data.ds.candidate_docs(qid, cand.ids), qid)
         spans = [(0, 0)] * len(cand)
         for pos, idx in enumerate(order):
             spans[idx] = enc.doc_spans[pos]

@@ -11,7 +11,7 @@ from pathlib import Path
 from corexp.components import heads as H
 from corexp.data.datasets import write_trec_run
 from corexp.job import Job
-from corexp.pipeline.results import EvalData, JobResult, per_query_rows, result_metrics
+from corexp.pipeline.results import EvalData, JobResult, length_bias, per_query_rows, result_metrics
 from corexp.tracking.figures import heads_histogram, score_heatmap
 from corexp.tracking.tracker import ActiveRun
 
@@ -42,11 +42,12 @@ def log_result(run: ActiveRun, job: Job, res: JobResult, out_dir: Path) -> None:
         run.set_tags({"heads_reselected": "true"})
     run.set_tags({"model_source": res.model_loaded, "model_sha256": res.model.sha256 or "n/a"})
     log_heads(run, job, res, out_dir)
-    metrics = result_metrics(res, job.measures)
+    bias = length_bias(res)  # once: the metrics and the per-query table both report it
+    metrics = result_metrics(res, job.measures, bias)
     run.log_metrics(metrics)
     write_trec_run(res.reranking.run, out_dir / "rerank.trec", f"corexp-{job.heads.name}")
     write_trec_run(res.data.candidates.top, out_dir / "first_stage.trec", res.data.candidates.provenance)
-    rows = per_query_rows(res, job.measures)
+    rows = per_query_rows(res, job.measures, bias)
     pd.DataFrame(rows).to_csv(out_dir / "per_query.csv", index=False)
     pd.DataFrame(res.reranking.rows).to_csv(out_dir / "scores.csv", index=False)
     run.log_artifacts([out_dir / f for f in ("rerank.trec", "first_stage.trec", "per_query.csv", "scores.csv")])

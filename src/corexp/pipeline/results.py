@@ -92,9 +92,9 @@ def length_bias(res: JobResult) -> dict[str, tuple[float, float]]:
     return out
 
 
-def result_metrics(res: JobResult, measures: tuple[Any, ...]) -> dict[str, float]:
+def result_metrics(res: JobResult, measures: tuple[Any, ...], bias: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Every number a job logs as a metric: the measures of both stages, latency, prompt and pass statistics, memory,
-    CoRe's length-bias test, time and model size (METHOD.md §7)."""
+    CoRe's length-bias test (`bias`: length_bias(res)), time and model size (METHOD.md §7)."""
     import resource
 
     import numpy as np
@@ -119,7 +119,6 @@ def result_metrics(res: JobResult, measures: tuple[Any, ...]) -> dict[str, float
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if torch.cuda.is_available():
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    bias = length_bias(res)
     if bias:
         gal = [g for g, _ in bias.values()]
         biased = [g for g, ratio in bias.values() if ratio <= LENGTH_BIASED_RATIO]
@@ -133,10 +132,9 @@ def result_metrics(res: JobResult, measures: tuple[Any, ...]) -> dict[str, float
     return metrics
 
 
-def per_query_rows(res: JobResult, measures: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """The per-query table: each measure at both stages and the length-bias test's values."""
+def per_query_rows(res: JobResult, measures: tuple[Any, ...], bias: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
+    """The per-query table: each measure at both stages and the length-bias test's values (`bias`: length_bias(res))."""
     fs, rr = res.data.evaluation, res.evaluation
-    bias = length_bias(res)
     rows = []
     for q in sorted(fs.per_query):
         row: dict[str, Any] = {"query_id": q}

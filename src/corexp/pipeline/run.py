@@ -164,12 +164,8 @@ def rerank_queries(job: Job, data: EvalData, rerankers: list[AttentionReranker],
             out.run[qid] = cand
             continue
         ids = cand.ids
-        found = data.ds.docs.get_many(ids)
-        missing = [d for d in ids if d not in found]
-        if missing:
-            raise CorexpError(f"first-stage run lists document '{missing[0]}' for query {qid}, but the corpus has no such id")
+        docs = data.ds.candidate_docs(qid, ids)
         t0 = time.perf_counter()
-        docs = [found[d] for d in ids]
         scored = rr.score(data.ds.queries[qid], docs, qid)
         if scored.stats.degenerate:
             out.degenerate.append(qid)

@@ -32,6 +32,7 @@ from corexp.studies.scaling import (
     study_arguments,
     study_frame,
     update_readme,
+    write_markdown,
 )
 from corexp.tracking.tracker import Store
 
@@ -146,10 +147,7 @@ def write(uri: str, experiment: str, out: Path, models: list[str], readme: Path 
           "## The chosen heads\n", _md(heads), "",
           "## Missing (not computed: listed, never estimated)\n",
           *([f"- {m}" for m in missing] or ["- none"]), ""]
-    text = "\n".join(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_markdown(out, md)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -516,6 +516,14 @@ def write(uri: str, experiment: str, out: Path, models: list[str]) -> tuple[list
     return [out, fig], "\n".join(md), said
 
 
+def write_markdown(out: Path, lines: list[str]) -> str:
+    """A study document: its lines joined, written to `out` (its folder made), returned as text."""
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
 def update_readme(lines: list[str], readme: Path, markers: tuple[str, str] = README_MARKERS) -> None:
     """Rewrite a generated reading (docs/scaling.md's by default) in the README between its markers."""
     text = readme.read_text()

@@ -37,6 +37,7 @@ from corexp.studies.scaling import (
     model_sizes,
     study_arguments,
     update_readme,
+    write_markdown,
 )
 from corexp.tracking.tracker import Store
 
@@ -353,10 +354,7 @@ def write(uri: str, experiments: list[str], atlas: str, out: Path, models: list[
           "## The cross-validated heads, per fold\n", _md(fold_heads(t)), "",
           "## Cost (CPU seconds of each job's process)\n", _md(cost(t)), "",
           "## Missing (not computed: listed, never estimated)\n", *([f"- {m}" for m in missing] or ["- none"]), ""]
-    text = "\n".join(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_markdown(out, md)
 
 
 def main(argv: list[str] | None = None) -> int:
