@@ -23,7 +23,7 @@ from corexp.pipeline.run import detection
 def table(model: str, overrides: list[str]):
     job = Job.from_config(compose_config([f"model={model}", "data=dl19", "progress=true", *overrides]))
     t0 = time.perf_counter()
-    t = detection(job, [], model_info(job.model, job.cache))
+    t = detection(job, [], model_info(job.model, job.paths.cache))
     return t, time.perf_counter() - t0, job.model.tau
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     qids = select_queries(ds, None)
     measures = parse_measures(a.measures.split(","))
     base = Job.from_config(compose_config(["first_stage=dense", f"first_stage/encoder={a.encoder}"]))
-    cache = base.cache
+    cache = base.paths.cache
     if a.cold_embeddings:
         enc = dense.load_encoder(base.first_stage.encoder, cache)
         with tempfile.TemporaryDirectory() as tmp:

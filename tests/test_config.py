@@ -197,7 +197,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the layers bel
     ("tracking", ("tracking",)),
     ("door", ("config", "job", "callbacks", "validation")),
     ("pipeline", ("pipeline",)),
-    ("interfaces", ("api", "__main__", "pyterrier", "verify_cache", "__init__")),
+    ("interfaces", ("api", "__main__", "pyterrier", "verify_cache", "migrate", "__init__")),
     ("reporting", ("report", "studies")),
 ]
 
@@ -294,10 +294,11 @@ def test_names_and_labels_show_where_detected_heads_come_from():
     from dataclasses import replace
 
     from corexp.job import RunContext
+    from corexp.tracking import names
 
     def named(*overrides, swept=()):
         job = replace(build_job(overrides), context=RunContext(tuple(overrides), swept))
-        return job.run_name(), job.labels().method_label()
+        return job.run_name(), names.method_label(job.run_key())
 
     assert named("heads=core") == ("smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample", "CoRe-k8 τ=0.1 [trunc=auto]")
     assert named("heads=core", "detection=scifact_train", "detection.fold=1", swept=("detection.fold",)) == (
@@ -324,7 +325,8 @@ def _components(component, prefix):
 
 @pytest.mark.parametrize("group", [*GROUPS, *[g for g in GROUP_CLASSES if g != "first_stage/encoder"], *NESTED])
 def test_every_options_key_parses_back_into_the_component(group):
-    """`parse_key(c.key()) == c` for every option of every group, nested strategies included; defaults are left out."""
+    """`parse_key(c.key()) == c` for every option of every group, nested strategies included; defaults and where data
+    is read from (local_dir, irds_id, run_file) are left out."""
     from corexp.settings import parse_key
 
     parent = {"first_stage/encoder": ["first_stage=dense"]}
@@ -332,7 +334,29 @@ def test_every_options_key_parses_back_into_the_component(group):
         job = build_job([*parent.get(group, []), f"{group}={name}"])
         for where, component in _components(job.components()[group.split("/")[0]], group):
             key = component.key()
-            assert parse_key(key) == component, (where, key)
+            assert parse_key(key) == component.unlocated(), (where, key)
+            assert "local_dir" not in key and "irds_id" not in key, key
+
+
+def test_identity_params_name_and_label_derive_from_the_keys_alone():
+    """A run's logged params parse back into its run key; the key alone gives the same identity, name and report label
+    as the job; the door resolves the model's τ (heads.tau=null is the model's), its precision and the effective
+    truncation, so the key says what is computed."""
+    from corexp.tracking import names
+    from corexp.tracking.identity import RunKey
+
+    for overrides in (["heads=core"], ["heads=core", "fusion=rrf", "detection=scifact_train", "detection.fold=2"],
+                      ["heads=random", "heads.seed=3", "prompt.doc_order=reversed"], ["heads=all", "truncation=auto"],
+                      ["heads=window", "scoring.calibration=false", "model.dtype=bfloat16"]):
+        job = build_job(overrides)
+        key = RunKey.from_params(job.run_key().params())
+        assert key == job.run_key()
+        assert key.identity({"data": "x"}, "c") == job.run_key().identity({"data": "x"}, "c")
+        assert names.run_name(key) == job.run_name() and names.tags(key)["method_label"] == names.method_label(key)
+    assert build_job(["heads=core", "heads.tau=null"]).run_key() == build_job(["heads=core", "heads.tau=0.1"]).run_key()
+    assert build_job(["heads=core"]).heads.key() == "CoRe(tau=0.1)"  # the model's τ, resolved
+    assert build_job(["heads=all", "truncation=auto"]).truncation.key() == "NoTruncation()"
+    assert "dtype='float32'" in build_job(["model.dtype=auto"]).model.key()
 
 
 def test_a_key_names_only_what_differs_from_the_defaults_and_refuses_what_it_cannot_be():

@@ -115,7 +115,7 @@ def test_gated_files_after_a_passing_auth_check_end_in_one_line(hub, tmp_path):
     clean.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub, HF_TOKEN=TOKEN, HF_HUB_ETAG_TIMEOUT="5",
                  HF_HUB_DOWNLOAD_TIMEOUT="5")
     code = ("from corexp.api import job_for; from corexp.engine.models import model_info; "
-            "job = job_for('llama', overrides=['model.hf_id=org/gated-files']); model_info(job.model, job.cache)")
+            "job = job_for('llama', overrides=['model.hf_id=org/gated-files']); model_info(job.model, job.paths.cache)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=180)
     line = error_line(proc)
     assert "'org/gated-files' is gated" in line and "accept its licence" in line, proc.stderr[-2000:]

@@ -39,10 +39,10 @@ def test_qwen25_coder_15b_loads_from_its_wheels_and_reranks():
     from corexp.engine.reranker import AttentionReranker
 
     job = build_job(["model=qwen25coder15"])
-    info = model_info(job.model, job.cache)
+    info = model_info(job.model, job.paths.cache)
     assert (info.n_layers, info.n_heads) == (28, 12) and info.sha256 == job.model.gguf_file.sha256
     assert 1.5e9 < info.parameters < 1.8e9  # 1.54B, plus the untied output matrix the GGUF carries
-    lm = load_model(job.model, job.cache, keep_layers=4)
+    lm = load_model(job.model, job.paths.cache, keep_layers=4)
     assert (lm.kept_layers, lm.num_kv_heads) == (4, 2)
     rr = AttentionReranker(lm, job.prompt, [(1, 0), (3, 11)], job.model.template)
     ranked = rr.rerank("what causes scurvy?", ["Scurvy is caused by a lack of vitamin C.", "Iron deficiency causes anemia.",

@@ -159,10 +159,10 @@ def test_a_damaged_model_cache_is_converted_again_never_used(tmp_path):
     from helpers import build_job
 
     job = build_job(["model=smollm2"])
-    folder, sha = converted_checkpoint(job.model, job.cache)  # the suite's shared cache: converted once
+    folder, sha = converted_checkpoint(job.model, job.paths.cache)  # the suite's shared cache: converted once
     cache = tmp_path / "cache"
     shutil.copytree(folder, cache / "models" / folder.name)
-    shutil.copytree(job.cache / "gguf" / sha[:16], cache / "gguf" / sha[:16])
+    shutil.copytree(job.paths.cache / "gguf" / sha[:16], cache / "gguf" / sha[:16])
     weights = cache / "models" / folder.name / "model.safetensors"
     with open(weights, "r+b") as fh:
         fh.seek(weights.stat().st_size // 2)

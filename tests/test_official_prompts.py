@@ -141,7 +141,7 @@ def test_official_spans_on_real_tokenizers(model, preset, family, shared_data):
     from corexp.engine.models import model_source
 
     job = build_job([f"model={model}"])
-    tok = AutoTokenizer.from_pretrained(model_source(job.model, job.cache)[0])
+    tok = AutoTokenizer.from_pretrained(model_source(job.model, job.paths.cache)[0])
     _check_official_spans(tok, preset, family, DOCS, QUERY)
     ds = load_local(shared_data / "scifact", "test", "scifact")
     for qid in sorted(ds.queries)[:3]:

@@ -127,7 +127,7 @@ def test_core_detection_prompts_spans_and_head_scores():
     instances = load("detection_instances.json")
     official = load("official_core_detection_prompts.json")
     job = build_job(["model=smollm2", "prompt=core_official", "model.template=llama3"])
-    lm = load_model(job.model, job.cache)
+    lm = load_model(job.model, job.paths.cache)
     rr = AttentionReranker(lm, job.prompt.for_detection(job.detection.max_words), None, "llama3")
     masses, positives = [], []
     for inst, off in zip(instances, official, strict=True):
@@ -169,7 +169,7 @@ def qrhead_detection():
 
     raw = load("detection_instances.json")
     job = build_job(["model=smollm2", "prompt=qrhead_official", "model.template=llama3"])
-    lm = load_model(job.model, job.cache)
+    lm = load_model(job.model, job.paths.cache)
     rr = AttentionReranker(lm, job.prompt.for_detection(job.prompt.max_words), None, "llama3")
     texts = {str(p["idx"]): p["paragraph_text"] for inst in raw for p in inst["paragraphs"]}
     built = [{"query_id": str(inst["idx"]), "query": inst["question"], "docs": [str(p["idx"]) for p in inst["paragraphs"]],

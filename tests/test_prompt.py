@@ -73,7 +73,7 @@ def test_spans_on_real_tokenizers(model, prompt, shared_data):
     from corexp.engine.prompt import resolve_template
 
     job = build_job([f"model={model}", f"prompt={prompt}"])
-    src, _, _ = model_source(job.model, job.cache)
+    src, _, _ = model_source(job.model, job.paths.cache)
     tok = AutoTokenizer.from_pretrained(src)
     template = resolve_template(job.model.template, tok)
     for folder in ("scifact", "dl19"):

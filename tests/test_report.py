@@ -6,7 +6,7 @@ import pytest
 
 from corexp.report.tables import BEIR_15, CQA_FORUMS, build_tables, missing_cells, sweep_table
 
-from helpers import compose_cfg
+from helpers import build_job, compose_cfg
 
 
 def test_paper_core_resolves_to_the_papers_setting():
@@ -25,14 +25,12 @@ def test_paper_core_resolves_to_the_papers_setting():
         assert compose_cfg([f"data={d}"]).data.name == d or d == "cqadupstack"
 
 
-def _row(model, method, dataset, value, fs=0.5, metric="core", extra=None, labels=None):
-    from corexp.job import Labels
-
+def _row(model, method, dataset, value, fs=0.5, metric="core", extra=None, key=None):
     params = {"heads.name": metric, "heads.k": "8", "model.tau": "0.1", "data.name": dataset, "model.name": model,
               **(extra or {})}
     return {"run_id": "none", "run_name": f"{model} · {method}", "start": 0, "model": model, "dataset": dataset,
             "method": method, "first_stage": "BM25", "params": params,
-            "labels": labels or Labels(model, method, "BM25", dataset),
+            "key": key,
             "metrics": {"rerank.nDCG_at_10": value, "first_stage.nDCG_at_10": fs}, "queries": 10.0}
 
 
@@ -61,13 +59,11 @@ def test_missing_cells_are_listed():
 
 
 def test_sweep_table_is_relative_to_no_truncation():
-    from corexp.job import Labels
-
+    """Lines are named by the method's label from the run's keys without the swept setting."""
     rows = []
     for frac, ndcg, lat, mem, kept in ((0.0, .5, 2.0, 400, 30), (0.5, .45, 1.0, 200, 15)):
-        extras = [{"group": "truncation", "text": f"trunc=fraction:{frac}", "without": {"fraction": "trunc=fraction"}}]
-        r = _row("m", "x", "dl19", ndcg, extra={"truncation.name": "fraction", "truncation.fraction": str(frac)},
-                 labels=Labels("m", "CoRe-k8 τ=0.1", "BM25", "dl19", extras, {"k": "CoRe τ=0.1", "tau": "CoRe-k8"}))
+        key = build_job(["heads=core", "truncation=fraction", f"truncation.fraction={frac}"]).run_key()
+        r = _row("m", "x", "dl19", ndcg, extra={"truncation.name": "fraction", "truncation.fraction": str(frac)}, key=key)
         r["metrics"].update(latency_mean_s=lat, peak_memory_mb=mem, kept_layers=kept)
         rows.append(r)
     t = sweep_table(pd.DataFrame(rows), "truncation.fraction", "nDCG@10")
@@ -93,7 +89,6 @@ def _store_with_runs(tmp_path, tables):
     """A real MLflow store: one run per (name, per-query table or None), and the report's rows for them."""
     import mlflow
 
-    from corexp.job import Labels
     from corexp.tracking.tracker import Store
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
@@ -104,7 +99,7 @@ def _store_with_runs(tmp_path, tables):
             if table is not None:
                 table.to_csv(tmp_path / "per_query.csv", index=False)
                 mlflow.log_artifact(str(tmp_path / "per_query.csv"))
-        row = _row("m", f"{name}-method", "dl19", .5, labels=Labels("m", f"{name}-method", "BM25", "dl19"))
+        row = _row("m", f"{name}-method", "dl19", .5)
         rows.append({**row, "run_id": run.info.run_id, "run_name": name, "queries": 3.0})
     return Store(f"sqlite:///{tmp_path}/m.db"), pd.DataFrame(rows)
 
@@ -147,17 +142,65 @@ def test_the_report_prefers_the_current_codes_run_and_names_older_code(tmp_path)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     exp = mlflow.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
-    labels = '{"method": "ICR", "method_without": {}, "first_stage": "BM25", "extras": []}'
+    params = {d: build_job(["heads=all", f"data={d}"]).run_key().params() for d in ("dl19", "dl20")}
     for name, chash, code, value in (("current", "a", code_digest(), .5), ("edited", "a", "0123abcd", .9),
                                      ("only-old", "b", "0123abcd", .4)):
         with mlflow.start_run(experiment_id=exp, run_name=name):
-            mlflow.set_tags({"config_hash": chash, "code_digest": code, "corexp.labels": labels, "model": "m",
-                             "dataset": "dl19" if chash == "a" else "dl20"})
+            mlflow.set_tags({"config_hash": chash, "code_digest": code})
+            mlflow.log_params(params["dl19" if chash == "a" else "dl20"])
             mlflow.log_metric("rerank.nDCG_at_10", value)
     df = load_runs(Store(f"sqlite:///{tmp_path}/m.db"), ["x"])
+    assert set(zip(df["model"], df["method"], df["dataset"])) == {("smollm2", "ICR", "dl19"), ("smollm2", "ICR", "dl20")}
     got = dict(zip(df["run_name"], df["code"]))
     assert got == {"current": "current", "only-old": "0123abcd"}
     assert df.attrs["older_code"] == [f"only-old: from code 0123abcd (no run of the current code {code_digest()})"]
+
+
+def test_runs_of_an_older_corexp_are_keyed_by_the_migration(tmp_path, capsys):
+    """A run logged before component keys (no key.* params, an identity of the old formula, a label without its
+    detection data) is refused by the report in one line naming the migration; `python -m corexp.migrate` rebuilds its
+    job from the logged config: the run then carries the job's keys and the report labels it with its detection data;
+    its identity is kept (tables stay as they were) unless --identity re-keys it to the one a new job of the same
+    config claims (so a rerun finds it). A second migration changes nothing."""
+    import mlflow
+
+    from corexp.errors import CorexpError
+    from corexp.migrate import main as migrate
+    from corexp.report.tables import load_runs
+    from corexp.tracking.tracker import Store
+
+    job = build_job(["heads=core", "detection=scifact_train", "detection.fold=1"])
+    uri = f"sqlite:///{tmp_path}/m.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    fingerprint = "0f0f0f0f0f0f0f0f"  # the logged content fingerprint of its data (not recomputed)
+    with mlflow.start_run(experiment_id=exp, run_name="smollm2 · CoRe-k8 τ=0.1 · trunc=auto · scifact-sample") as run:
+        mlflow.set_tags({"config_hash": "oldformula", "code_digest": "0123abcd", "data_fingerprint": fingerprint,
+                         "method_label": "CoRe-k8 τ=0.1 [trunc=auto]"})
+        mlflow.log_params({"seed": "0", "heads.name": "core", "heads.tau": "None"})
+        mlflow.log_text(job.config_text, "config.yaml")
+        mlflow.log_metric("rerank.nDCG_at_10", 0.5)
+    with pytest.raises(CorexpError, match=r"no component keys.*python -m corexp.migrate --experiment old"):
+        load_runs(Store(uri), ["old"])
+    assert migrate(["--experiment", "old", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "label: CoRe-k8 τ=0.1 [trunc=auto] -> CoRe-k8 τ=0.1 [trunc=auto, detected on scifact-train (fold=1)]" in out
+    stored = Store(uri).finished_runs(["old"])[0]
+    assert stored.run_id == run.info.run_id
+    assert {k: v for k, v in stored.params.items() if k.startswith("key.")} == {
+        k: v for k, v in job.run_key().params().items() if k.startswith("key.")}
+    assert stored.tags["config_hash"] == "oldformula" and stored.params["heads.tau"] == "None"
+    df = load_runs(Store(uri), ["old"])
+    assert list(df["method"]) == ["CoRe-k8 τ=0.1 [trunc=auto, detected on scifact-train (fold=1)]"]
+    assert migrate(["--experiment", "old", "--tracking-uri", uri]) == 0
+    assert "done: 1 up to date" in capsys.readouterr().out
+    # --identity: the identity a job of this config claims (the key params come back the same)
+    from corexp.migrate import rekey
+
+    params, tags, _ = rekey(Store(uri), stored)
+    assert tags["config_hash"] == job.run_key().identity_of(fingerprint, "any").config_hash
+    assert tags["config_hash.before_keys"] == "oldformula" and params == {
+        k: v for k, v in stored.params.items() if k.startswith("key.")}
 
 
 def test_reading_never_creates_a_store_and_an_unlogged_measure_is_one_line(tmp_path):

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 from scipy.stats import ttest_rel
 
-from corexp.job import Labels
 from corexp.report.tables import holm
 from corexp.studies import scaling
 
@@ -36,7 +35,7 @@ class FakeStore:
         if seed is not None:
             params["heads.seed"] = str(seed)
         self.rows.append({"run_id": run_id, "run_name": f"{model} · {heads} {run_id}", "model": model, "dataset": "dl19",
-                          "labels": Labels(model, heads, "BM25", "dl19"), "params": params,
+                          "params": params,
                           "metrics": {COL: float(values.mean()), "first_stage.nDCG_at_10": float(self.first_stage.mean()),
                                       "cpu_time_s": cpu, "queries": float(len(QUERIES)),
                                       "readout_cache_hits": 0.0 if cpu > 100 else 12.0,

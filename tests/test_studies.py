@@ -19,7 +19,7 @@ def test_layer_bands_and_their_truncation():
     with pytest.raises(H.CorexpError, match="heads.start=3 heads.end=3 is not a band"):
         H.LayerHeads(start=3, end=3).check_dims(6, 3)
     job = build_job(["heads=layers", "heads.start=2", "heads.end=4"])
-    assert job.cut.keep(6, band.deepest_layer) == 4  # truncation=auto runs only the layers below `end`
+    assert job.truncation.keep(6, band.deepest_layer) == 4  # truncation=auto runs only the layers below `end`
 
 
 def test_the_window_is_the_best_mean_reciprocal_rank_on_detection_data():

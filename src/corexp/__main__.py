@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -60,7 +61,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
         job = Job.from_config(cfg)  # every setting checked once, components built, measures parsed
         if cfg.get("dry_run"):
-            print(json.dumps(job.plan(), indent=1, ensure_ascii=False, default=str))
+            print(json.dumps(plan(job), indent=1, ensure_ascii=False, default=str))
             return None
         from corexp.pipeline.run import run_job
 
@@ -92,3 +93,44 @@ def _failed(cfg: DictConfig, err: Exception) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def plan(job: Any) -> dict[str, Any]:
+    """The job's data set, queries, candidates, method, head count, truncation and detection: `dry_run=true` prints it."""
+    from corexp.tracking import names
+
+    ds = job.data.load()
+    qids = job.data.queries(ds)
+    detection = None
+    if job.heads.needs_detection:
+        det = job.detection
+        if det.judged:  # the re-ranking prompts of judged queries (components/judged.py)
+            detection = {"data": job.data.name if det.folds else det.name, "instances": "judged re-ranking prompts",
+                         "queries": "the other folds' queries" if det.folds else det.num_queries or "every judged query",
+                         "folds": det.folds}
+        else:
+            detection = {"data": det.name, "queries": det.num_queries, "negatives": det.num_negatives,
+                         "positions": det.positions, "instances": det.num_queries * det.positions, "fold": det.fold,
+                         "max_words": det.max_words if det.max_words is not None else job.prompt.max_words}
+    return {
+        "run_name": job.run_name(),
+        "model": job.model.name,
+        "dataset": job.data.name,
+        "queries": len(qids),
+        "first_stage": job.first_stage.name,
+        "depth": int(job.first_stage.depth),
+        "method": names.method_label(job.run_key()),
+        "heads": {"name": job.heads.name, **job.heads.settings()},
+        "tau": job.heads.temperature(job.model.tau),
+        "truncation": {"name": job.truncation.name, **job.truncation.settings()},
+        "fusion": {"name": job.fusion.name, **job.fusion.settings()},
+        "scoring": job.scoring.settings(),
+        "prompt": job.prompt.name,
+        "max_words": job.prompt.max_words,
+        "doc_order": job.prompt.doc_order.name,
+        "detection": detection,
+        "dtype": job.model.dtype,
+        "device": job.model.device,
+        "ignored": list(job.ignored),
+        "keys": dict(job.run_key().keys),
+    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,27 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys |= {k for k, v in params.items() if "," in str(v) or str(v).startswith(("range(", "choice("))}
     return sorted(keys)
 
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a job runs inside Hydra: its overrides, the settings its sweep varies, the sweep's parent run, its folder."""
+
+    overrides: tuple[str, ...] = ()
+    swept: tuple[str, ...] = ()
+    parent_run_id: str | None = None
+    output_dir: str | None = None
+
+    @classmethod
+    def current(cls) -> RunContext:
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            hc = HydraConfig.get()
+        except ValueError:
+            return cls()
+        parent, swept = None, ()
+        if hc.mode.name == "MULTIRUN":
+            folder = Path(hc.sweep.dir)
+            parent = sweep_parent(folder)
+            swept = tuple(json.loads((folder / SWEPT_FILE).read_text())) if (folder / SWEPT_FILE).is_file() else ()
+        return cls(tuple(hc.overrides.task), swept, parent, hc.runtime.output_dir)

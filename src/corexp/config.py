@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from corexp.components.dense import EncoderSpec
 from corexp.components.detection import Detection
 from corexp.data.datasets import DataSource
-from corexp.engine.models import ModelSpec
+from corexp.engine.models import ModelSpec, resolved_dtype
 from corexp.engine.prompt import PromptSpec
 from corexp.engine.scoring import Scoring
 from corexp.errors import CorexpError
 from corexp.locations import PACKAGE_DIR, RESOURCES_DIR, config_dir, project_root  # noqa: F401 - re-exported
-from corexp.settings import Declaration, declarations, plain, setting
+from corexp.settings import Component, Declaration, declarations, plain, problem, setting
 from corexp.tracking.tracker import TrackingSpec
 
 
@@ -215,6 +215,76 @@ def normalize_overrides(args: list[str]) -> list[str]:
             arg = "++" + bare + arg[len(key):]
         out.append(arg)
     return out
+
+def logged_config(text: str) -> DictConfig:
+    """A run's logged config.yaml (resolved), to rebuild its job at the door (corexp.migrate)."""
+    return OmegaConf.create(text)
+
+
+def components_of(cfg: DictConfig) -> tuple[dict[str, Any], RunOptions, tuple[str, ...]]:
+    """Every group built from its `_target_` and checked, then resolved (`resolve`); the top-level options; and the
+    warnings for settings given to an option that does not take them."""
+    groups = {group: build(cfg[group], group) for group in (*GROUPS, *[g for g in GROUP_CLASSES if "/" not in g])}
+    components = {group: b.component for group, b in groups.items()}
+    options = RunOptions(**{f: cfg[f] for f in RunOptions.__dataclass_fields__})
+    validate({**components, "": options})
+    ignored = tuple(f"{group}.{k}={v} is ignored by {group}={b.component.name}{getattr(b.component, 'ignored_hint', '')}"
+                    for group, b in groups.items() for k, v in b.ignored.items())
+    return resolve(components), options, ignored
+
+
+def resolve(c: dict[str, Any]) -> dict[str, Any]:
+    """Each component as this job computes with it, so that its key says so: the model's precision (auto: bf16 on
+    CUDA, fp32 elsewhere), the prompt as its data set reads it (ICR's question instruction, text-only sets), a null
+    heads.tau as the model's τ, and the truncation its head selector makes of it (auto with every head is none)."""
+    model, data, heads = c["model"], c["data"], c["heads"]
+    out = {**c, "model": dataclasses.replace(model, dtype=str(resolved_dtype(model)).replace("torch.", "")),
+           "prompt": c["prompt"].for_dataset(data.name, data.question_style),
+           "truncation": c["truncation"].effective(heads)}
+    if getattr(heads, "tau", 0) is None:
+        out["heads"] = dataclasses.replace(heads, tau=model.tau)
+    return out
+
+
+def validate(components: dict[str, Any]) -> None:
+    """Check every built component's settings (nested strategies included) against their declarations; raise one
+    CorexpError naming the setting, the value and what is allowed. The group "" holds the top-level RunOptions."""
+    for group, component in components.items():
+        _check_component(group.replace("/", "."), component)
+
+
+def _check_component(prefix: str, component: Any) -> None:
+    for key, d in declarations(type(component)).items():
+        value = getattr(component, key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Component):
+            _check_component(dotted, value)
+            continue
+        msg = problem(dotted, value, d.rule)
+        if msg:
+            raise CorexpError(msg)
+
+
+def paths_of(cfg: DictConfig) -> Paths:
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        output = cfg.paths.output_dir
+    except InterpolationResolutionError:  # ${hydra:runtime.output_dir} outside a Hydra run (Python API, tests)
+        output = None
+    return Paths(root_dir=str(cfg.paths.root_dir), cache_dir=str(cfg.paths.cache_dir), output_dir=output,
+                 data_dir=cfg.paths.get("data_dir"))
+
+
+def config_text(cfg: DictConfig) -> str:
+    """The resolved config as YAML (paths.output_dir left unresolved outside a Hydra run)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    node = OmegaConf.create(tree)
+    if paths_of(cfg).output_dir is None:
+        node.paths.output_dir = None
+    return OmegaConf.to_yaml(node, resolve=True)
+
 
 _register_resolvers()
 

@@ -79,9 +79,12 @@ def _num(x: float) -> str:
 
 def setting(default: Any = _NO_DEFAULT, *, doc: str, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, choices: tuple[str, ...] = (), null: str | None = None,
-            device: bool = False, factory: Any = None) -> Any:
-    """A dataclass field that carries its rule and description (the type comes from the field's annotation)."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices), "null": null, "device": device}
+            device: bool = False, factory: Any = None, location: bool = False) -> Any:
+    """A dataclass field that carries its rule and description (the type comes from the field's annotation).
+    location: the setting says where data is read from, not what is computed (the content fingerprint stands for it
+    in a run's identity): left out of the component's key."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices), "null": null, "device": device,
+            "location": location}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"corexp": meta})
     if default is _NO_DEFAULT:
@@ -95,6 +98,7 @@ class Declaration:
     rule: Rule
     default: Any
     doc: str
+    location: bool = False
 
 
 def _kind(annotation: Any) -> str:
@@ -118,7 +122,7 @@ def declarations(cls: type) -> dict[str, Declaration]:
                     choices=meta["choices"], null=meta["null"])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        out[f.name] = Declaration(f.name, rule, default, meta["doc"])
+        out[f.name] = Declaration(f.name, rule, default, meta["doc"], meta["location"])
     return out
 
 
@@ -151,8 +155,9 @@ class Component:
     a dense first stage's encoder) are fields holding components.
 
     Its **key** is ir_measures' idea of a measure's repr: `CoRe(k=4,tau=0.05)`, `Window(width=3)`, `BM25(depth=50)` —
-    the key name and every setting that differs from its declared default, nested components as their keys. The key
-    names the component and parses back into it (`parse_key`)."""
+    the key name and every setting that differs from its declared default, nested components as their keys, where data
+    is read from (`location` settings) left out. The key names what the component computes and parses back into it
+    (`parse_key`); run identities, params, run names and report labels all derive from keys (corexp.tracking)."""
 
     name: typing.ClassVar[str] = ""
     key_name: typing.ClassVar[str] = ""  # the key's name (default: the class name)
@@ -162,10 +167,16 @@ class Component:
         _KEYED[cls.__dict__.get("key_name") or cls.__name__] = cls
 
     def key(self) -> str:
-        """`Name(setting=value,...)`: the settings that differ from their defaults, in declaration order."""
+        """`Name(setting=value,...)`: the settings that differ from their defaults, in declaration order (locations
+        left out: `parse_key(c.key()) == c.unlocated()`)."""
         parts = [f"{name}={_key_value(getattr(self, name))}" for name, d in declarations(type(self)).items()
-                 if getattr(self, name) != d.default]
+                 if getattr(self, name) != d.default and not d.location]
         return f"{type(self).__dict__.get('key_name') or type(self).__name__}({','.join(parts)})"
+
+    def unlocated(self) -> Component:
+        """The component without where its data is read from (what its key names)."""
+        loc = {name: d.default for name, d in declarations(type(self)).items() if d.location}
+        return dataclasses.replace(self, **loc) if loc else self  # type: ignore[type-var]
 
     def settings(self) -> dict[str, Any]:
         """Its settings' values as plain data (what it computes with): logged as params, part of the run identity.

@@ -249,8 +249,8 @@ class HeadSelector(Component):
         """The temperature of its score (CoRe's), None for other selectors."""
         return None
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        """Its name in run names and report rows (CoRe shows the temperature, the model's when heads.tau is null)."""
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        """Its name in run names and report rows (CoRe shows its temperature, resolved at the door)."""
         raise NotImplementedError
 
 
@@ -267,7 +267,7 @@ class AllHeads(HeadSelector):
     def select(self, ctx: SelectionContext) -> HeadSelection:
         return HeadSelection(None, metric=self.name)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return "ICR"
 
 
@@ -327,9 +327,8 @@ class CoReHeads(DetectedHeads):
     def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
         return core_scores(table.contrast_masses(), table.pos_index, float(tau))  # type: ignore[arg-type]
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
-        tau = self.tau if self.tau is not None else model_tau
-        return self.k_label("CoRe", hide) + ("" if "tau" in hide or tau is None else f" τ={tau}")
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
+        return self.k_label("CoRe", hide) + ("" if "tau" in hide or self.tau is None else f" τ={self.tau}")
 
 
 QRHEAD_BEIR_SEED = 42  # detect_qrhead_beir.py: random.seed(42) once, then one shuffle of each instance's documents
@@ -360,7 +359,7 @@ class QRHeads(DetectedHeads):
         return qrhead_beir_scores(table.calibrated(), table.pos_index, table.doc_ids, table.gains, table.valid, table.ideal,
                                   table.query_of)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return self.k_label("QRHead" if "variant" in hide or self.variant == "beir" else f"QRHead-{self.variant}", hide)
 
 
@@ -377,7 +376,7 @@ class QRRHeads(DetectedHeads):
     def metric_scores(self, table: DetectionTable, tau: float | None) -> np.ndarray:
         return qr_r_scores(table.masses, table.pos_index)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return self.k_label("QR-R", hide)
 
 
@@ -399,7 +398,7 @@ class RandomHeads(CountedHeads):
             return selection
         return HeadSelection(random_heads(keep, ctx.n_heads, self.k, self.seed), reselected=True, metric=self.name)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return self.k_label("random", hide)
 
 
@@ -427,7 +426,7 @@ class PublishedHeads(CountedHeads):
                               "use truncation=auto or none")
         return selection
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return self.k_label("published", hide)
 
 
@@ -458,7 +457,7 @@ class LayerHeads(HeadSelector):
         start, end = self.bounds(ctx.n_layers)
         return HeadSelection(layer_heads(start, end, ctx.n_heads), metric=self.name)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         end = "end" if self.end is None else str(self.end)
         return "layers" if {"start", "end"} <= hide else f"layers[{self.start},{end})"
 
@@ -502,5 +501,5 @@ class WindowHeads(HeadSelector):
         return HeadSelection(layer_heads(start, start + self.width, ctx.n_heads), None, None, ctx.detection.instances,
                              metric=self.name, window=(start, start + self.width), window_scores=scores)
 
-    def label(self, hide: frozenset[str] = frozenset(), model_tau: float | None = None) -> str:
+    def label(self, hide: frozenset[str] = frozenset()) -> str:
         return "window" if "width" in hide else f"window-w{self.width}"

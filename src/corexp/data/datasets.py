@@ -304,7 +304,19 @@ def load_local(folder: str | Path, split: str, name: str, run_file: str | None =
 
 
 def load_irds(irds_id: str, name: str, run_file: str | None = None) -> IRDataset:
-    """Any ir_datasets id with queries and qrels; scoreddocs (if any) become the first-stage run."""
+    """Any ir_datasets id with queries and qrels; scoreddocs (if any) become the first-stage run. A download that
+    cannot reach its host (offline, a proxy) is one line naming the data set and the local_dir way around it."""
+    import requests
+
+    try:
+        return _load_irds(irds_id, name, run_file)
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError) as err:
+        raise CorexpError(f"'{name}' (ir_datasets '{irds_id}') could not be downloaded: its host cannot be reached (offline?) "
+                          f"({type(err).__name__}); point the group's local_dir at a BEIR-layout copy (data.local_dir, "
+                          "detection.local_dir) or run where ir_datasets can download") from None
+
+
+def _load_irds(irds_id: str, name: str, run_file: str | None) -> IRDataset:
     import ir_datasets
 
     try:
@@ -350,10 +362,11 @@ class Source(Component):
     ir_datasets id."""
 
     name: str = setting(doc="data set name")
-    irds_id: str | None = setting(None, null="none", doc="ir_datasets id")
-    local_dir: str | None = setting(None, null="none", doc="BEIR-layout folder; wins over irds_id")
+    irds_id: str | None = setting(None, null="none", doc="ir_datasets id", location=True)
+    local_dir: str | None = setting(None, null="none", doc="BEIR-layout folder; wins over irds_id", location=True)
     split: str = setting("test", doc="qrels/<split>.tsv of local_dir")
-    run_file: str | None = setting(None, null="local_dir/run*.trec or ir_datasets scoreddocs", doc="first-stage TREC run")
+    run_file: str | None = setting(None, null="local_dir/run*.trec or ir_datasets scoreddocs", doc="first-stage TREC run",
+                                  location=True)
 
     def load(self) -> IRDataset:
         if self.local_dir:

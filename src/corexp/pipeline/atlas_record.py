@@ -95,7 +95,7 @@ def jobs(overrides: list[str], marks: tuple[str, ...] = tuple(MARKS)) -> tuple[J
 def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str, marks: tuple[str, ...] = tuple(MARKS)) -> str:
     """Compute one atlas and log it as an MLflow run (skipped when the same atlas of the same code is there)."""
     base, marked = jobs(overrides, marks)
-    info = base.model.info(base.cache)
+    info = base.model.info(base.paths.cache)
     selections = {name: select_heads(job, [], info)[0] for name, job in marked.items()}
     job = replace(base, tracking=replace(base.tracking, experiment=experiment))
     ident = job.identity()
@@ -105,7 +105,8 @@ def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str, 
                         ident.data_fingerprint)
     tags = {"study": "atlas", "model": job.model.name, "dataset": job.data.name, "widths": ",".join(map(str, widths)),
             "k": str(k), "overrides": " ".join(overrides)}
-    request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, job.params(), job.config_text)
+    request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, job.run_key().params(),
+                         job.config_text)
     tracker = job.tracking.open()
     claim = tracker.claim(request, force=job.options.force)
     if claim.finished is not None:

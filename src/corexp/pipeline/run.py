@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 def load_eval_data(job: Job) -> EvalData:
     ds = job.data.load()
     qids = job.data.queries(ds)
-    cands = job.first_stage.candidates(ds, qids, job.cache, job.options.progress, job.data.drop_self_hits)
+    cands = job.first_stage.candidates(ds, qids, job.paths.cache, job.options.progress, job.data.drop_self_hits)
     return EvalData(ds, qids, cands, evaluate(ds.qrels, cands.top, list(job.measures)))
 
 
@@ -56,13 +56,13 @@ def model_key(job: Job, info: ModelInfo) -> str:
 
 def detection(job: Job, eval_qids: list[str], info: ModelInfo) -> DetectionTable:
     """This job's detection table (METHOD.md §4): keyed by the tokenizer's prompts, the model loaded only to compute it."""
-    prompt = job.prompt_for_data.for_detection(job.detection.max_words)
-    builder = PromptBuilder(job.model.tokenizer(job.cache), prompt, job.model.template)
+    prompt = job.prompt.for_detection(job.detection.max_words)
+    builder = PromptBuilder(job.model.tokenizer(job.paths.cache), prompt, job.model.template)
 
     def reranker() -> AttentionReranker:
-        return AttentionReranker(job.model.load(job.cache), prompt, None, job.model.template)
+        return AttentionReranker(job.model.load(job.paths.cache), prompt, None, job.model.template)
 
-    return job.detection.table(builder, job.first_stage, set(eval_qids), job.cache, model_key(job, info), reranker,
+    return job.detection.table(builder, job.first_stage, set(eval_qids), job.paths.cache, model_key(job, info), reranker,
                                job.options.progress, job.heads.detection_shuffle)
 
 
@@ -78,7 +78,7 @@ def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadS
         bad = [f"{l}-{h}" for l, h in selection.heads if not (0 <= l < info.n_layers and 0 <= h < info.n_heads)]
         if bad:
             raise CorexpError(f"heads {bad[:3]} are outside the model ({info.n_layers} layers x {info.n_heads} heads)")
-    keep = job.cut.keep(info.n_layers, selection.deepest_layer)
+    keep = job.truncation.keep(info.n_layers, selection.deepest_layer)
     reselected = job.heads.reselect(selection, keep, ctx)
     if reselected.reselected and not selection.reselected:
         log.warning("truncation to %d layers removed selected heads; re-selected among kept layers", keep)
@@ -86,7 +86,7 @@ def select_heads(job: Job, eval_qids: list[str], info: ModelInfo) -> tuple[HeadS
 
 
 def readout_cache(job: Job, lm: Any) -> ReadoutCache:
-    return ReadoutCache(job.cache, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}")
+    return ReadoutCache(job.paths.cache, f"{lm.source}:{lm.sha256}:{lm.dtype}:{lm.device.type}")
 
 
 def judges_heads(job: Job) -> bool:
@@ -104,9 +104,9 @@ def judged_plan(job: Job, data: EvalData, info: ModelInfo) -> tuple[list[Attenti
         ds = det.load()
         qids = judged_queries(ds, det.num_queries, det.seed)
         check_disjoint([q for q in qids if data.ds.queries.get(q) == ds.queries[q]], data.qids)
-    lm = job.model.load(job.cache)
+    lm = job.model.load(job.paths.cache)
     cache = readout_cache(job, lm)
-    reader = AttentionReranker(lm, job.prompt_for_data, None, job.model.template, readout_cache=cache)
+    reader = AttentionReranker(lm, job.prompt, None, job.model.template, readout_cache=cache)
     ctx = functools.partial(context, job, info)
     if det.folds is not None:
         fold_of = assign_folds(data.qids, det.folds, det.seed)
@@ -120,10 +120,10 @@ def judged_plan(job: Job, data: EvalData, info: ModelInfo) -> tuple[list[Attenti
             detected_on.append(tuple(detect))
         plan = HeadPlan(tuple(selections), fold_of, tuple(detected_on))
     else:
-        cands = job.first_stage.candidates(ds, qids, job.cache, job.options.progress, job.data.drop_self_hits)
+        cands = job.first_stage.candidates(ds, qids, job.paths.cache, job.options.progress, job.data.drop_self_hits)
         judged = read_judged(reader, ds, cands.top, qids, job.options.progress)
         plan = HeadPlan((job.heads.select(ctx(judged_table(list(judged.values())))),), {}, (tuple(judged),))
-    return [AttentionReranker(lm, job.prompt_for_data, sel.heads, job.model.template, readout_cache=cache,
+    return [AttentionReranker(lm, job.prompt, sel.heads, job.model.template, readout_cache=cache,
                               calibrate=job.scoring.calibration) for sel in plan.selections], plan
 
 
@@ -131,24 +131,24 @@ def build_reranker(job: Job, heads: list[Head] | None = None, eval_qids: list[st
                    ) -> tuple[AttentionReranker, HeadSelection]:
     """The job's re-ranker: its heads (given, or chosen by its selector), the layers its truncation keeps, the prompt
     as its data set reads it, its scoring and read-out cache. The one place a re-ranker is built from components."""
-    info = info or job.model.info(job.cache)
+    info = info or job.model.info(job.paths.cache)
     if heads is None and judges_heads(job):
         if job.detection.folds is not None:
             raise CorexpError("detection=crossval scores each fold with its own heads: run it as a job (python -m corexp), "
                               "not as one re-ranker")
         ds = job.data.load()
         qids = job.data.queries(ds)
-        data = EvalData(ds, qids, job.first_stage.candidates(ds, qids, job.cache, False, job.data.drop_self_hits), None)
+        data = EvalData(ds, qids, job.first_stage.candidates(ds, qids, job.paths.cache, False, job.data.drop_self_hits), None)
         rerankers, plan = judged_plan(job, data, info)
         return rerankers[0], plan.selections[0]
     if heads is None:
         selection, keep = select_heads(job, list(eval_qids), info)
     else:
         selection = HeadSelection([tuple(h) for h in heads], metric="given")
-        keep = job.truncation.keep(info.n_layers, selection.deepest_layer)  # configured: auto keeps up to the deepest head
-    lm = job.model.load(job.cache, keep_layers=keep)
+        keep = job.truncation.keep(info.n_layers, selection.deepest_layer)
+    lm = job.model.load(job.paths.cache, keep_layers=keep)
     cache = readout_cache(job, lm) if job.options.readout_cache else None
-    rr = AttentionReranker(lm, job.prompt_for_data, selection.heads, job.model.template, readout_cache=cache,
+    rr = AttentionReranker(lm, job.prompt, selection.heads, job.model.template, readout_cache=cache,
                            calibrate=job.scoring.calibration)
     return rr, selection
 
@@ -256,8 +256,9 @@ def run_job(job: Job) -> JobSummary:
     seed_everything(job.options.seed)
     for warning in job.ignored:
         log.warning(warning)
-    info = job.model.info(job.cache)  # the model's config only (offline or gated ids fail here, within seconds)
-    job.check_dims(info)
+    info = job.model.info(job.paths.cache)  # the model's config only (offline or gated ids fail here, within seconds)
+    job.heads.check_dims(info.n_layers, info.n_heads)  # settings bounded by the model's size, before any weight loads
+    job.truncation.check_dims(info.n_layers)
     tracker = job.tracking.open()
     claim = tracker.claim(job.request(), force=job.options.force)
     if claim.finished is not None:

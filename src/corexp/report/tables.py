@@ -27,8 +27,8 @@ import pandas as pd
 from corexp.data.evaluation import metric_key, parse_measures
 from corexp.errors import CorexpError, cli_main
 from corexp.locations import project_root
-from corexp.tracking.identity import code_digest
-from corexp.tracking.labels import Labels
+from corexp.tracking import names
+from corexp.tracking.identity import RunKey, code_digest
 from corexp.tracking.tracker import Store
 
 BEIR_15 = ["trec-covid", "nfcorpus", "fiqa", "arguana", "webis-touche2020", "dbpedia-entity", "scidocs",
@@ -54,14 +54,13 @@ def load_runs(store: Store, experiments: list[str]) -> pd.DataFrame:
     current = code_digest()
     rows = []
     for r in store.finished_runs(experiments):
-        tags = r.tags
-        if "corexp.labels" not in tags:
-            raise CorexpError(f"run {r.run_id} ({r.name}) has no corexp labels: it was logged by an older corexp; rerun it "
-                              "or report from another experiment")
-        labels = Labels.from_tags(tags)
-        rows.append({"run_id": r.run_id, "run_name": r.name, "start": r.start_ms, "model": labels.model,
-                     "dataset": labels.dataset, "method": labels.method_label(), "first_stage": labels.first_stage,
-                     "labels": labels, "params": r.params, "metrics": r.metrics, "queries": r.metrics.get("queries"),
+        tags, key = r.tags, RunKey.from_params(r.params)
+        if key is None:
+            raise CorexpError(f"run {r.run_id} ({r.name}) has no component keys: it was logged by an older corexp; add "
+                              f"them with `python -m corexp.migrate --experiment {experiments[0]}`, or rerun it")
+        rows.append({"run_id": r.run_id, "run_name": r.name, "start": r.start_ms, "model": key["model"].name,
+                     "dataset": key["data"].name, "method": names.method_label(key), "first_stage": key["first_stage"].label(),
+                     "key": key, "params": r.params, "metrics": r.metrics, "queries": r.metrics.get("queries"),
                      "config_hash": tags.get("config_hash"), "code_digest": tags.get("code_digest", "")})
     if not rows:
         raise CorexpError(f"no FINISHED runs in experiment(s) {', '.join(experiments)} of {store.uri}")
@@ -291,7 +290,7 @@ def sweep_table(df: pd.DataFrame, key: str, measure: str) -> pd.DataFrame:
         if key not in r["params"]:
             continue
         m = r["metrics"]
-        rows.append({"model": r["model"], "method": r["labels"].method_label(group, setting), "dataset": r["dataset"],
+        rows.append({"model": r["model"], "method": names.method_label(r["key"], group, setting), "dataset": r["dataset"],
                      key: float(r["params"][key]), "kept_layers": m.get("kept_layers"), measure: m.get(metric),
                      "latency_s": m.get("latency_mean_s"), "peak_memory_mb": m.get("peak_memory_mb")})
     if not rows:

@@ -1,4 +1,5 @@
-"""Which code computed a run: a digest of the compute path's code and of the libraries that change its numbers.
+"""What a run computes and with which code: its components' keys (`RunKey`) and a digest of the compute path's code
+and of the libraries that change its numbers.
 
 The compute path is the packages that turn a config into numbers: corexp.data, corexp.engine, corexp.components and
 corexp.pipeline (the head atlas's computation included, pipeline/atlas.py), without pipeline/record.py and
@@ -6,6 +7,11 @@ pipeline/atlas_record.py, which only log numbers computed elsewhere (pipeline/re
 module enters as its syntax tree without docstrings, so rewording a docstring or a comment, or reformatting, reruns
 nothing, while any change of code does; the report, the studies, tracking and the CLI are outside it (editing them
 never marks a FINISHED run as older code).
+
+A run's settings are the keys of the components it computes with (settings.Component.key, ir_measures style:
+`CoRe(tau=0.1)`, `Window(width=4)`, `Dense(encoder=Encoder(...))`, defaults and data locations left out) and its seed;
+its identity, its MLflow params and (corexp.tracking.names) its name and report label all derive from them, and the
+report reads them back from the params (`RunKey.from_params`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from corexp.files import stable_key
 from corexp.locations import PACKAGE_DIR
+from corexp.settings import Component, parse_key, plain
 
 COMPUTE_PATH = ("data", "engine", "components", "pipeline")
 # Inside the compute path but computing no number: how a finished job's numbers are logged (tags, artifact names).
@@ -70,6 +81,82 @@ class Identity:
     code_digest: str
     setup_hash: str = ""
     data_fingerprint: str = ""
+
+
+# The groups whose components compute a run's numbers, in the order keys are listed (tracking only logs them).
+COMPUTING = ("model", "data", "prompt", "heads", "first_stage", "truncation", "fusion", "scoring", "detection")
+KEY_PARAM = "key."  # MLflow param of each component's key: key.heads = CoRe(tau=0.1)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A run as the keys of the components it computes with, as the job resolved them at the door (the model's τ and
+    precision, the prompt as its data set reads it, the truncation its head selector makes of it; detection only for
+    selectors that detect), and its seed."""
+
+    keys: tuple[tuple[str, str], ...]
+    seed: int = 0
+
+    @classmethod
+    def of(cls, components: Mapping[str, Component], seed: int) -> RunKey:
+        return cls(tuple((group, components[group].key()) for group in COMPUTING if group in components), seed)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> RunKey | None:
+        """The run key a run logged (None: logged before keys were; `python -m corexp.migrate` adds them)."""
+        keys = tuple((g, params[KEY_PARAM + g]) for g in COMPUTING if KEY_PARAM + g in params)
+        return cls(keys, int(params.get("seed", 0))) if keys else None
+
+    def components(self) -> dict[str, Component]:
+        """Each group's component, parsed back from its key."""
+        _register_components()
+        return {group: parse_key(key) for group, key in self.keys}
+
+    def __getitem__(self, group: str) -> Component:
+        _register_components()
+        return parse_key(dict(self.keys)[group])
+
+    def __contains__(self, group: object) -> bool:
+        return group in dict(self.keys)
+
+    def identity(self, content: Mapping[str, str], code: str) -> Identity:
+        """The keys and seed (setup), with each data set as its content fingerprint (never a path), and the code."""
+        return self.identity_of(stable_key(dict(content)), code)
+
+    def identity_of(self, fingerprint: str, code: str) -> Identity:
+        """The identity with the data's content fingerprint (a run's `data_fingerprint` tag)."""
+        setup = stable_key({"keys": dict(self.keys), "seed": self.seed})
+        return Identity(stable_key(setup, fingerprint), code, setup, fingerprint)
+
+    def params(self) -> dict[str, str]:
+        """MLflow params: each component's settings, flattened (`heads.k`), and its key (`key.heads`)."""
+        tree = {"seed": self.seed, **{group: plain(c) for group, c in self.components().items()}}
+        return {**flatten(tree), **{KEY_PARAM + group: key for group, key in self.keys}}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists as JSON."""
+    out: dict[str, str] = {}
+    for k, v in (tree.items() if isinstance(tree, dict) else []):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def _register_components() -> None:
+    """Import every component module, so that each key name is known to settings.parse_key."""
+    import corexp.components.detection
+    import corexp.components.first_stage
+    import corexp.components.fusion
+    import corexp.components.heads
+    import corexp.components.truncation
+    import corexp.data.datasets
+    import corexp.engine.models
+    import corexp.engine.prompt
+    import corexp.engine.scoring  # noqa: F401
 
 
 def git_commit() -> str:

@@ -464,7 +464,7 @@ def terminate_as_exception() -> Iterator[None]:
 
 # -- reading a store without creating one (the report, the studies) --------------------------------------------------
 class Store:
-    """An existing MLflow store, read only: never creates a database, a folder or an experiment."""
+    """An existing MLflow store, read only (but for `amend`): never creates a database, a folder or an experiment."""
 
     def __init__(self, uri: str):
         import mlflow
@@ -500,3 +500,15 @@ class Store:
     def artifact(self, run_id: str, path: str) -> Path:
         """A run's artifact as a local file (downloaded when the store is remote)."""
         return Path(self.client.download_artifacts(run_id, path))
+
+    def amend(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
+        """Add params (names the run has not logged) and set tags of an existing run: the store's one write, used by
+        `python -m corexp.migrate` to bring runs of older corexp up to date."""
+        from mlflow.entities import Param, RunTag
+
+        try:
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                                  tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as err:
+            store_full(err, self.uri)
+            raise
