@@ -118,3 +118,30 @@ def test_corexp_irds_source_reads_the_same_queries(irds_home):
     assert ds.run is not None and len(ds.run) == 43
     first = next(iter(ds.run.values()))[0][0]
     assert ds.docs.get_many([first])[first].text
+
+
+def test_an_ir_datasets_download_that_cannot_reach_its_host_is_one_line(monkeypatch):
+    """Offline (this machine, a cluster node without internet), ir_datasets' download fails deep inside requests: the
+    job ends in one line naming the data set and the local_dir way around, not an internal error."""
+    import ir_datasets
+    import requests
+
+    from corexp.data.datasets import DataSource
+    from corexp.errors import CorexpError, one_line
+
+    class Offline:
+        def has_qrels(self):
+            return True
+
+        def has_queries(self):
+            return True
+
+        def queries_iter(self):
+            raise requests.exceptions.ConnectionError("Failed to resolve 'public.ukp.informatik.tu-darmstadt.de'")
+
+    monkeypatch.setattr(ir_datasets, "load", lambda irds_id: Offline())
+    with pytest.raises(CorexpError) as err:
+        DataSource(name="scifact", irds_id="beir/scifact/test").load()
+    line = one_line(err.value)
+    assert line.startswith("'scifact' (ir_datasets 'beir/scifact/test') could not be downloaded: its host cannot be "
+                           "reached (offline?) (ConnectionError)") and "data.local_dir" in line and "\n" not in line
