@@ -182,10 +182,23 @@ def test_runs_of_an_older_corexp_are_keyed_by_the_migration(tmp_path, capsys):
         mlflow.log_metric("rerank.nDCG_at_10", 0.5)
     with pytest.raises(CorexpError, match=r"no component keys.*python -m corexp.migrate --experiment old"):
         load_runs(Store(uri), ["old"])
+    # runs whose settings changed meaning since are left alone, named: the old heads=qrhead (it computed QR-R) and a
+    # config that builds into other settings than the run logged
+    for name, overrides, params in (("old-qrhead", ["heads=qrhead"], {"heads.name": "qrhead"}),
+                                    ("changed", ["heads=core", "heads.k=4"], {"heads.name": "core", "heads.k": "8"})):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.set_tags({"config_hash": "x", "data_fingerprint": fingerprint})
+            mlflow.log_params({"seed": "0", **params})
+            mlflow.log_text(build_job(overrides).config_text, "config.yaml")
     assert migrate(["--experiment", "old", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
+    assert "left alone: old-qrhead" in out and "rerun it as heads=qr_r" in out
+    assert "left alone: changed" in out and "heads.k: 8 -> 4" in out and "done: 1 keyed, 2 left alone" in out
+    for r in Store(uri).finished_runs(["old"]):
+        if r.name in ("old-qrhead", "changed"):
+            mlflow.delete_run(r.run_id)
     assert "label: CoRe-k8 τ=0.1 [trunc=auto] -> CoRe-k8 τ=0.1 [trunc=auto, detected on scifact-train (fold=1)]" in out
-    stored = Store(uri).finished_runs(["old"])[0]
+    stored = next(r for r in Store(uri).finished_runs(["old"]) if r.run_id == run.info.run_id)
     assert stored.run_id == run.info.run_id
     assert {k: v for k, v in stored.params.items() if k.startswith("key.")} == {
         k: v for k, v in job.run_key().params().items() if k.startswith("key.")}

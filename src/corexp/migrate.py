@@ -11,7 +11,8 @@ With --identity it also re-keys each run's identity (config_hash and setup_hash 
 fingerprint; the former hash kept in `config_hash.before_keys`), so that a later job of the same config finds the run.
 Configs that older identities told apart only by settings added since (runs of one config under two hashes) then
 become one, and the report keeps one run of them: its tables can change, which is why it is not the default. Runs
-whose config no longer builds are listed and left alone; head-atlas runs (tag study=atlas) are left alone.
+whose config no longer builds, or builds into other settings than the run logged (a setting whose meaning changed:
+`heads=qrhead` before heads.variant computed QR-R), are listed and left alone; head-atlas runs (tag study=atlas) too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from corexp.tracking import names
 from corexp.tracking.identity import KEY_PARAM, RunKey
 from corexp.tracking.tracker import Store, StoredRun
 
+RESOLVED = ("model.dtype", "heads.tau")  # logged as configured by older corexp, resolved at the door now (auto, null)
+LOCATIONS = (".local_dir", ".irds_id", ".run_file")  # where data was read from: not part of a key
+
 
 def rekey(store: Store, run: StoredRun) -> tuple[dict[str, str], dict[str, str], str]:
     """The key params and identity tags a run of an older corexp gets, and its label as the keys say it."""
@@ -34,6 +38,15 @@ def rekey(store: Store, run: StoredRun) -> tuple[dict[str, str], dict[str, str],
     key = Job.from_config(logged_config(store.artifact(run.run_id, "config.yaml").read_text())).run_key()
     if "data_fingerprint" not in run.tags:
         raise CorexpError("the run has no data_fingerprint tag")
+    if run.params.get("heads.name") == "qrhead" and "heads.variant" not in run.params:
+        raise CorexpError("logged by the old heads=qrhead, which computed QR-R (the uncalibrated mass on the positive): "
+                          "rerun it as heads=qr_r")
+    rebuilt = key.params()
+    changed = sorted(k for k, v in run.params.items() if k in rebuilt and rebuilt[k] != v and k not in RESOLVED
+                     and not k.startswith(KEY_PARAM) and not k.endswith(LOCATIONS))
+    if changed:
+        raise CorexpError("its config builds into other settings than it logged (" + ", ".join(
+            f"{k}: {run.params[k]} -> {rebuilt[k]}" for k in changed[:3]) + "): the code changed their meaning; rerun it")
     ident = key.identity_of(run.tags["data_fingerprint"], run.code_digest)
     params = {name: value for name, value in key.params().items() if name.startswith(KEY_PARAM)}
     tags = {"config_hash": ident.config_hash, "setup_hash": ident.setup_hash,
