@@ -85,7 +85,8 @@ SPEC = {
     "scoring.calibration": (lambda v: isinstance(v, bool), lambda p, v: p["scoring"]["calibration"] == v),
     "fusion.alpha": (num_in(0, 1), lambda p, v: p["fusion"]["alpha"] == v),
     "fusion.rrf_k": (int_at_least(1), lambda p, v: any(i.startswith("fusion.rrf_k=") for i in p["ignored"])),
-    "model.dtype": (one_of("auto", "bfloat16", "float32", "float16"), lambda p, v: p["dtype"] == v),
+    "model.dtype": (one_of("auto", "bfloat16", "float32", "float16"),  # resolved at the door: auto is fp32 on a CPU
+                    lambda p, v: p["dtype"] == ("float32" if v == "auto" else v)),
     "model.device": (DEVICES, lambda p, v: p["device"] == v),
 }
 ENUM_WORDS = ["query", "prompt_end", "suffix_first_token", "reduce", "error", "whitespace", "space", "auto", "bfloat16",

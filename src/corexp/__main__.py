@@ -91,10 +91,6 @@ def _failed(cfg: DictConfig, err: Exception) -> None:
     sys.exit(2 if isinstance(err, CorexpError) else 1)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def plan(job: Any) -> dict[str, Any]:
     """The job's data set, queries, candidates, method, head count, truncation and detection: `dry_run=true` prints it."""
     from corexp.tracking import names
@@ -134,3 +130,8 @@ def plan(job: Any) -> dict[str, Any]:
         "ignored": list(job.ignored),
         "keys": dict(job.run_key().keys),
     }
+
+
+if __name__ == "__main__":
+    main()
+

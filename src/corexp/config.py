@@ -221,16 +221,17 @@ def logged_config(text: str) -> DictConfig:
     return OmegaConf.create(text)
 
 
-def components_of(cfg: DictConfig) -> tuple[dict[str, Any], RunOptions, tuple[str, ...]]:
-    """Every group built from its `_target_` and checked, then resolved (`resolve`); the top-level options; and the
-    warnings for settings given to an option that does not take them."""
+def components_of(cfg: DictConfig, resolved: bool = True) -> tuple[dict[str, Any], RunOptions, tuple[str, ...]]:
+    """Every group built from its `_target_` and checked, then resolved (`resolve`; resolved=False: as configured, for
+    the README's defaults); the top-level options; and the warnings for settings given to an option that does not
+    take them."""
     groups = {group: build(cfg[group], group) for group in (*GROUPS, *[g for g in GROUP_CLASSES if "/" not in g])}
     components = {group: b.component for group, b in groups.items()}
     options = RunOptions(**{f: cfg[f] for f in RunOptions.__dataclass_fields__})
     validate({**components, "": options})
     ignored = tuple(f"{group}.{k}={v} is ignored by {group}={b.component.name}{getattr(b.component, 'ignored_hint', '')}"
                     for group, b in groups.items() for k, v in b.ignored.items())
-    return resolve(components), options, ignored
+    return (resolve(components) if resolved else components), options, ignored
 
 
 def resolve(c: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import functools
 from typing import Any
 
 from corexp.config import GROUPS, declared, options
-from corexp.job import Job
 from corexp.settings import Component, Declaration, Rule, markdown_table, problem
 
 # Keys whose values are free-form mappings (their sub-keys are data, not settings).
@@ -126,12 +125,12 @@ def default_values() -> dict[str, Any]:
     machine resolves it, so the README's table is the same in every clone."""
     from omegaconf import OmegaConf
 
-    from corexp.config import compose_config
+    from corexp.config import components_of, compose_config
     from corexp.settings import plain
 
     cfg = compose_config([])
     raw = OmegaConf.to_container(cfg, resolve=False)
-    job = Job.from_config(cfg)
+    components, opts, _ = components_of(cfg, resolved=False)  # as configured (auto, null), not as resolved here
     out: dict[str, Any] = {}
 
     def as_written(key: str) -> Any:
@@ -152,8 +151,8 @@ def default_values() -> dict[str, Any]:
                 written = as_written(key)
                 out[key] = written if written is not None else plain(value)
 
-    walk("", job.options)
-    for group, component in job.components().items():
+    walk("", opts)
+    for group, component in components.items():
         walk(f"{_dotted(group)}.", component)
     return out
 
