@@ -9,8 +9,31 @@ from scipy.stats import ttest_rel
 from corexp.report.tables import holm
 from corexp.studies import scaling
 
+from helpers import build_job
+
 QUERIES = [f"q{i}" for i in range(12)]
 COL = "rerank.nDCG_at_10"
+HEADS = {"all": "ICR()", "core": "CoRe(k={k},tau=0.1)", "qrhead": "QRHead(k={k}{variant})", "qr_r": "QRR(k={k})",
+         "random": "Random(k={k},seed={seed})", "window": "Window(width=4)"}
+ORDERS = {"retriever": "Prompt()", "reversed": "Prompt(doc_order=ReversedOrder())",
+          "shuffled": "Prompt(doc_order=ShuffledOrder())"}
+
+
+def fake_key(heads, k=8, order="retriever", fold=0, seed=None, fusion="none", calibrated=True, params=None):
+    """The run key a job of these settings logs, written as keys (what the report reads back from key.* params)."""
+    from corexp.tracking.identity import RunKey
+
+    params = params or {}
+    variant = f",variant='{params['heads.variant']}'" if "heads.variant" in params else ""
+    keys = [("model", "Model(name='m')"), ("data", "Data(name='dl19')"), ("prompt", ORDERS[order]),
+            ("heads", HEADS[heads].format(k=k, seed=seed or 0, variant=variant)), ("first_stage", "Auto()"),
+            ("truncation", "AutoTruncation()"), ("fusion", "RRF()" if fusion == "rrf" else "NoFusion()"),
+            ("scoring", "Scoring()" if calibrated else "Scoring(calibration=False)")]
+    if heads in ("core", "qrhead", "qr_r", "window"):  # selectors that detect carry their detection set
+        folds = params.get("detection.folds")
+        keys.append(("detection", f"Detection(name='dl19',instances='judged',folds={folds})"
+                     if params.get("detection.instances") == "judged" else f"Detection(name='scifact-train',fold={fold})"))
+    return RunKey(tuple(keys), 0)
 
 
 class FakeStore:
@@ -35,7 +58,7 @@ class FakeStore:
         if seed is not None:
             params["heads.seed"] = str(seed)
         self.rows.append({"run_id": run_id, "run_name": f"{model} · {heads} {run_id}", "model": model, "dataset": "dl19",
-                          "params": params,
+                          "params": params, "key": fake_key(heads, k, order, fold, seed, fusion, calibrated, params),
                           "metrics": {COL: float(values.mean()), "first_stage.nDCG_at_10": float(self.first_stage.mean()),
                                       "cpu_time_s": cpu, "queries": float(len(QUERIES)),
                                       "readout_cache_hits": 0.0 if cpu > 100 else 12.0,
@@ -47,7 +70,7 @@ class FakeStore:
         monkeypatch.setattr(scaling, "per_query_or_none",
                             lambda store, row, column, cache, unreadable: self.per_query[row["run_id"]][column])
         df = pd.DataFrame(self.rows)
-        roles = pd.DataFrame([scaling.describe(p) for p in df["params"]], index=df.index)
+        roles = pd.DataFrame([scaling.describe(k) for k in df["key"]], index=df.index)
         return scaling.Study(pd.concat([df, roles], axis=1), models)
 
 
@@ -60,7 +83,7 @@ def store():
     s.add("a", "all", cpu=900.0, shift=-0.1)  # r0
     s.add("a", "core", extra={"selected_heads": ",".join(CORE)}, shift=0.05)  # r1
     s.add("a", "core", fold=1, extra={"selected_heads": ",".join([*CORE[:6], "1-1", "2-2"])})  # r2
-    s.add("a", "qrhead", extra={"selected_heads": "0-0,0-1"})  # r3
+    s.add("a", "qr_r", extra={"selected_heads": "0-0,0-1"})  # r3
     for seed in range(5):  # r4-r8
         s.add("a", "random", seed=seed, shift=-0.05)
     s.add("a", "core", fusion="rrf")  # r9
@@ -74,13 +97,16 @@ def store():
     return s
 
 
-def test_a_runs_role_comes_from_its_logged_settings():
-    d = scaling.describe({"heads.name": "core", "heads.k": "8", "fusion.name": "rrf", "prompt.doc_order.name": "shuffled",
-                          "detection.fold": "2", "scoring.calibration": "False"})
+def test_a_runs_role_comes_from_its_keys():
+    d = scaling.describe(fake_key("core", fusion="rrf", order="shuffled", fold=2, calibrated=False))
     assert d == {"family": "CoRe-k8 + RRF", "order": "shuffled", "fold": 2, "seed": None, "calibrated": False}
-    assert scaling.describe({"heads.name": "random", "heads.k": "8", "heads.seed": "3"})["seed"] == 3
-    assert scaling.describe({"heads.name": "window", "heads.width": "4"})["family"] == "window-w4"
-    assert scaling.describe({"heads.name": "all", "detection.fold": "1"})["fold"] is None  # ICR detects nothing
+    assert scaling.describe(fake_key("random", seed=3))["seed"] == 3
+    assert scaling.describe(fake_key("window"))["family"] == "window-w4"
+    assert scaling.describe(fake_key("all", fold=1))["fold"] is None  # ICR detects nothing
+    job = build_job(["heads=core", "fusion=rrf", "prompt.doc_order=reversed", "detection=scifact_train",
+                     "detection.fold=1"])  # a real job's key: the same role
+    assert scaling.describe(job.run_key()) == {"family": "CoRe-k8 + RRF", "order": "reversed", "fold": 1, "seed": None,
+                                               "calibrated": True}
 
 
 def test_main_table_cells_and_tests_match_a_hand_computation(store, monkeypatch):
@@ -169,15 +195,15 @@ def test_orders_position_control_stability_cost_and_missing_cells(store, monkeyp
     assert sum(g.startswith("b × ") for g in gaps) == len(scaling.METHODS) + 3 + 8 + 4  # model b has no run at all
 
 
-def test_old_qrhead_runs_are_qr_r_and_the_qrhead_report_recomputes_its_tests(store, monkeypatch):
-    """A heads=qrhead run without heads.variant (corexp before the QRHead fix) computed QR-R and is read as QR-R-k8;
-    the two official variants are QRHead-k8 and QRHead-lme-k8. docs/qrhead.md's cells and Holm tests by hand."""
+def test_qr_r_and_qrhead_variants_are_told_apart_and_the_qrhead_report_recomputes_its_tests(store, monkeypatch):
+    """QR-R and the two official QRHead variants are QR-R-k8, QRHead-k8 and QRHead-lme-k8 (a heads=qrhead run of corexp
+    before the QRHead fix computed QR-R: corexp.migrate leaves it unkeyed, tests/test_report.py). docs/qrhead.md's cells
+    and Holm tests by hand."""
     from corexp.studies import qrhead
 
-    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8"})["family"] == "QR-R-k8"
-    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8", "heads.variant": "beir"})["family"] == "QRHead-k8"
-    assert scaling.describe({"heads.name": "qrhead", "heads.k": "8", "heads.variant": "lme"})["family"] == "QRHead-lme-k8"
-    assert scaling.describe({"heads.name": "qr_r", "heads.k": "8"})["family"] == "QR-R-k8"
+    assert scaling.describe(fake_key("qrhead", params={"heads.variant": "beir"}))["family"] == "QRHead-k8"
+    assert scaling.describe(fake_key("qrhead", params={"heads.variant": "lme"}))["family"] == "QRHead-lme-k8"
+    assert scaling.describe(fake_key("qr_r"))["family"] == "QR-R-k8"
     _, new = store.add("a", "qrhead", extra={"heads.variant": "beir", "selected_heads": "17-3,23-2,0-1"}, shift=0.04)
     store.add("a", "qrhead", extra={"heads.variant": "lme", "selected_heads": "21-8,23-2"})
     study = store.study(monkeypatch, ["a", "b"])

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import ttest_rel
-from test_scaling import FakeStore
+from test_scaling import FakeStore, fake_key
 
 from corexp.report.tables import holm
 from corexp.studies import scaling, transfer
@@ -14,13 +14,12 @@ CV = {"detection.instances": "judged", "detection.folds": "5"}
 SETS = {"core": {}, "qrhead": {"heads.variant": "beir"}, "window": {}}
 
 
-def test_a_runs_detection_source_comes_from_its_logged_settings():
-    base = {"heads.name": "core", "heads.k": "8"}
-    assert transfer.role({**base, "detection.fold": "0"})["fold"] == transfer.SCIFACT
-    assert transfer.role({**base, "detection.fold": "None", **CV})["fold"] == transfer.CV
-    judged_elsewhere = {**base, "detection.fold": "None", "detection.instances": "judged", "detection.folds": "None"}
-    assert transfer.role(judged_elsewhere)["fold"] is None  # another data set: neither source of this study
-    assert transfer.role({"heads.name": "all", **CV})["fold"] is None  # ICR detects nothing
+def test_a_runs_detection_source_comes_from_its_keys():
+    assert transfer.role(fake_key("core", fold=0))["fold"] == transfer.SCIFACT
+    assert transfer.role(fake_key("core", fold=None, params=CV))["fold"] == transfer.CV
+    judged_elsewhere = {"detection.instances": "judged", "detection.folds": "None"}
+    assert transfer.role(fake_key("core", fold=None, params=judged_elsewhere))["fold"] is None  # neither source here
+    assert transfer.role(fake_key("all", params=CV))["fold"] is None  # ICR detects nothing
 
 
 @pytest.fixture
@@ -35,7 +34,7 @@ def study(monkeypatch):
     monkeypatch.setattr(scaling, "per_query_or_none",
                         lambda store, row, column, cache, unreadable: fs.per_query[row["run_id"]][column])
     df = pd.DataFrame(fs.rows)
-    roles = pd.DataFrame([transfer.role(p) for p in df["params"]], index=df.index)
+    roles = pd.DataFrame([transfer.role(k) for k in df["key"]], index=df.index)
     return transfer.Transfer(scaling.Study(pd.concat([df, roles], axis=1), ["a", "b"]), {"a": 0.9}), values
 
 

@@ -26,6 +26,8 @@ import pandas as pd
 from corexp.errors import cli_main
 from corexp.locations import project_root
 from corexp.report.tables import holm, load_runs, per_query_or_none
+from corexp.tracking import names
+from corexp.tracking.identity import RunKey
 from corexp.tracking.tracker import Store
 
 MEASURE = "nDCG@10"
@@ -36,40 +38,26 @@ CHOSEN = ("QRHead-k8", "QRHead-lme-k8", "QR-R-k8", "CoRe-k8", "window-w4")  # he
 DEFAULT_MODELS = ("smollm2", "gemma3", "qwen25coder", "qwen25coder15")
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M", "qwen25coder": "Qwen2.5-Coder-0.5B",
                "qwen25coder15": "Qwen2.5-Coder-1.5B"}
-FAMILY = {"all": "ICR", "core": "CoRe", "qrhead": "QRHead", "qr_r": "QR-R", "random": "random", "window": "window",
-          "layers": "layers"}
-DETECTED = ("core", "qrhead", "qr_r", "window")
 README_MARKERS = ("<!-- scaling-reading:start (generated: python -m corexp.studies.scaling --readme) -->",
                   "<!-- scaling-reading:end -->")
 
 
-def describe(params: dict[str, str]) -> dict:
-    """A run's place in the study, from its logged settings: method family, document order, fusion, detection fold,
-    random seed, calibration."""
-    heads = params.get("heads.name", "")
-    family = FAMILY.get(heads, heads)
-    if heads == "qrhead":  # before heads.variant existed, heads=qrhead computed QR-R (uncalibrated mass on the positive)
-        family = {None: "QR-R", "beir": "QRHead", "lme": "QRHead-lme"}.get(params.get("heads.variant"), family)
-    if heads in ("core", "qrhead", "qr_r", "random", "published"):
-        family += f"-k{params.get('heads.k')}"
-    elif heads == "window":
-        family += f"-w{params.get('heads.width')}"
-    elif heads == "layers":
-        family += f"[{params.get('heads.start')},{params.get('heads.end')})"
-    if params.get("fusion.name", "none") == "rrf":
-        family += " + RRF"
-    detects = heads in DETECTED
-    fold, seed = params.get("detection.fold"), params.get("heads.seed")
-    return {"family": family, "order": params.get("prompt.doc_order.name", "retriever"),
-            "fold": int(fold) if detects and fold not in (None, "None") else None,
-            "seed": int(seed) if heads == "random" and seed not in (None, "None") else None,
-            "calibrated": params.get("scoring.calibration", "True") != "False"}
+def describe(key: RunKey) -> dict:
+    """A run's place in the study, from its components' keys: method family (the head selector's label without its
+    temperature, `+ RRF` when fused), document order, detection fold, random seed, calibration."""
+    c = key.components()
+    heads, detection = c["heads"], c.get("detection")
+    return {"family": names.method(key, "tau") + (" + RRF" if c["fusion"].name == "rrf" else ""),
+            "order": c["prompt"].doc_order.name,
+            "fold": detection.fold if detection is not None else None,
+            "seed": heads.seed if heads.name == "random" else None,
+            "calibrated": c["scoring"].calibration}
 
 
 def study_frame(store: Store, experiment: str) -> pd.DataFrame:
     df = load_runs(store, [experiment])
     df = df[df["dataset"].notna()].copy()
-    roles = pd.DataFrame([describe(p) for p in df["params"]], index=df.index)
+    roles = pd.DataFrame([describe(k) for k in df["key"]], index=df.index)
     out = pd.concat([df, roles], axis=1)
     out.attrs.update(df.attrs)
     return out

@@ -39,6 +39,7 @@ from corexp.studies.scaling import (
     update_readme,
     write_markdown,
 )
+from corexp.tracking.identity import RunKey
 from corexp.tracking.tracker import Store
 
 SCIFACT, CV = 0, -1  # the `fold` of a run's role: SciFact train fold 0, or in-domain cross-validation
@@ -49,19 +50,19 @@ README_MARKERS = ("<!-- transfer-reading:start (generated: python -m corexp.stud
                   "<!-- transfer-reading:end -->")
 
 
-def role(params: dict[str, str]) -> dict:
+def role(key: RunKey) -> dict:
     """describe() plus the detection source: judged cross-validation runs get fold CV (-1)."""
-    out = describe(params)
-    if params.get("detection.instances") == "judged" and out["fold"] is None and params.get("heads.name") in (
-            "core", "qrhead", "qr_r", "window"):
-        out["fold"] = CV if params.get("detection.folds") not in (None, "None") else None
+    out = describe(key)
+    detection = key.components().get("detection")
+    if detection is not None and detection.judged:
+        out["fold"] = CV if detection.folds else None
     return out
 
 
 def transfer_frame(store: Store, experiments: list[str]) -> pd.DataFrame:
     df = load_runs(store, experiments)
     df = df[df["dataset"] == "dl19"].copy()
-    roles = pd.DataFrame([role(p) for p in df["params"]], index=df.index)
+    roles = pd.DataFrame([role(k) for k in df["key"]], index=df.index)
     out = pd.concat([df, roles], axis=1)
     out.attrs.update(df.attrs)
     return out
