@@ -373,3 +373,21 @@ def test_a_key_names_only_what_differs_from_the_defaults_and_refuses_what_it_can
                      ("CoRe(width=3)", "CoRe has no setting 'width'")):
         with pytest.raises(ValueError, match=re.escape(why)):
             parse_key(bad)
+
+
+def test_reports_read_runs_through_keys_and_the_tracker_alone():
+    """The report and the studies import neither the job nor the config (they read runs, and each run's keys, through
+    corexp.tracking); no module outside tracking/ touches the MLflow client; the job is its components and the door
+    (<= 80 lines) and the re-ranker a small class over forward strategies (<= 120 lines)."""
+    imports = _imports()
+    reporting = {m: sorted(d for d in deps if d.split(".")[0] in ("job", "config"))
+                 for m, deps in imports.items() if m.split(".")[0] in ("report", "studies")}
+    assert {m: d for m, d in reporting.items() if d} == {}
+    client = [str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
+              if f.parent.name != "tracking" and re.search(r"\.client\b", f.read_text())]
+    assert client == []
+    assert len((PACKAGE / "job.py").read_text().splitlines()) <= 80
+    source = (PACKAGE / "engine" / "reranker.py").read_text()
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AttentionReranker")
+    assert cls.end_lineno - cls.lineno + 1 <= 120
