@@ -50,7 +50,7 @@ def _load(model: str, keep: int | None, dtype: str, device: str, config_json: st
         return LoadedModel(m, tok, "random", full, kept, cfg.num_attention_heads, cfg.num_key_value_heads,
                            cfg.max_position_embeddings, torch.device(device), DTYPES[dtype], None, "random")
     job = compose([f"model={model}", f"model.dtype={dtype}", f"model.device={device}"])
-    return load_model(job.model, job.cache, keep_layers=keep)
+    return load_model(job.model, job.paths.cache, keep_layers=keep)
 
 
 def _prompt(lm, n_tokens: int | None, n_docs: int | None, max_words: int):
