@@ -357,6 +357,14 @@ def test_identity_params_name_and_label_derive_from_the_keys_alone():
     assert build_job(["heads=core"]).heads.key() == "CoRe(tau=0.1)"  # the model's τ, resolved
     assert build_job(["heads=all", "truncation=auto"]).truncation.key() == "NoTruncation()"
     assert "dtype='float32'" in build_job(["model.dtype=auto"]).model.key()
+    # keys logged on 2026-12-05 (before the door resolved the precision) carry dtype=auto; the logged resolved one wins
+    job = build_job(["heads=core"])
+    params = {**job.run_key().params(), "key.model": job.model.key().replace(",dtype='float32'", ""),
+              "model.dtype_resolved": "float32"}
+    assert "dtype" not in params["key.model"] and RunKey.from_params(params) == job.run_key()
+    assert names.method_label(RunKey.from_params(params)) == "CoRe-k8 τ=0.1 [trunc=auto]"
+    dense = build_job(["heads=core", "first_stage=dense"]).run_key()  # a report row per first stage
+    assert names.method_label(dense) == "CoRe-k8 τ=0.1 [dense:minilm, trunc=auto]"
 
 
 def test_a_key_names_only_what_differs_from_the_defaults_and_refuses_what_it_cannot_be():

@@ -17,6 +17,7 @@ report reads them back from the params (`RunKey.from_params`).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
 import json
@@ -104,8 +105,14 @@ class RunKey:
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> RunKey | None:
         """The run key a run logged (None: logged before keys were; `python -m corexp.migrate` adds them)."""
-        keys = tuple((g, params[KEY_PARAM + g]) for g in COMPUTING if KEY_PARAM + g in params)
-        return cls(keys, int(params.get("seed", 0))) if keys else None
+        keys = {g: params[KEY_PARAM + g] for g in COMPUTING if KEY_PARAM + g in params}
+        if not keys:
+            return None
+        resolved = params.get("model.dtype_resolved")  # keys of 2026-12-05, before the door resolved the precision
+        if resolved and "model" in keys and "dtype=" not in keys["model"]:
+            _register_components()
+            keys["model"] = dataclasses.replace(parse_key(keys["model"]), dtype=resolved).key()
+        return cls(tuple(keys.items()), int(params.get("seed", 0)))
 
     def components(self) -> dict[str, Component]:
         """Each group's component, parsed back from its key."""

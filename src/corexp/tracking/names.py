@@ -76,10 +76,10 @@ def method(key: RunKey, hide: str | None = None) -> str:
 
 
 def method_label(key: RunKey, hide_group: str | None = None, hide_setting: str | None = None) -> str:
-    """`CoRe-k8 τ=0.1 [trunc=auto, fusion=rrf]`: a report row. hide_*: the swept setting of a sweep figure."""
+    """`CoRe-k8 τ=0.1 [dense:minilm, trunc=auto, fusion=rrf]`: a report row (a first stage other than BM25 shown, so
+    re-rankings of two first stages are two rows). hide_*: the swept setting of a sweep figure."""
     heads = method(key, hide_setting if hide_group == "heads" else None)
-    parts = [(e.without.get(hide_setting or "", e.text) if e.group == hide_group else e.text)
-             for e in extras(key) if e.group != "first_stage"]
+    parts = [(e.without.get(hide_setting or "", e.text) if e.group == hide_group else e.text) for e in extras(key)]
     parts = [p for p in parts if p]
     return heads + (f" [{', '.join(parts)}]" if parts else "")
 
