@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from corexp.components.heads import Head
+from corexp.components.truncation import AutoTruncation
 from corexp.config import compose_config
 from corexp.engine.reranker import AttentionReranker
 from corexp.job import Job
@@ -20,8 +23,11 @@ def job_for(model: str = "smollm2", heads: str | list[Head] | None = None, promp
     """The Job of the CLI for these choices (validated; nothing loaded). heads: a `heads` option name, or None / a list
     (then the given heads, with the layers above the deepest one not loaded)."""
     option = heads if isinstance(heads, str) else "all"
-    given = [] if isinstance(heads, str) else ["truncation=auto"]
-    return Job.from_config(compose_config([f"model={model}", f"prompt={prompt}", f"heads={option}", *given, *(overrides or [])]))
+    job = Job.from_config(compose_config([f"model={model}", f"prompt={prompt}", f"heads={option}", *(overrides or [])]))
+    chosen = [o.lstrip("+~") for o in overrides or [] if o.lstrip("+~").startswith("truncation")]
+    if isinstance(heads, (list, tuple)) and chosen in ([], ["truncation=auto"]):  # ICR's job resolves auto to none
+        job = dataclasses.replace(job, truncation=AutoTruncation())  # given heads: nothing above the deepest is loaded
+    return job
 
 
 def build_reranker(model: str = "smollm2", heads: str | list[Head] | None = None, prompt: str = "core",
