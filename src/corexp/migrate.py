@@ -22,12 +22,12 @@ import collections
 
 from corexp.errors import CorexpError, cli_main, one_line
 from corexp.locations import project_root
+from corexp.settings import declarations
 from corexp.tracking import names
 from corexp.tracking.identity import KEY_PARAM, RunKey
 from corexp.tracking.tracker import Store, StoredRun
 
 RESOLVED = ("model.dtype", "heads.tau")  # logged as configured by older corexp, resolved at the door now (auto, null)
-LOCATIONS = (".local_dir", ".irds_id", ".run_file")  # where data was read from: not part of a key
 
 
 def rekey(store: Store, run: StoredRun) -> tuple[dict[str, str], dict[str, str], str]:
@@ -42,13 +42,15 @@ def rekey(store: Store, run: StoredRun) -> tuple[dict[str, str], dict[str, str],
         raise CorexpError("logged by the old heads=qrhead, which computed QR-R (the uncalibrated mass on the positive): "
                           "rerun it as heads=qr_r")
     rebuilt = key.params()
+    located = {f"{group}.{name}" for group, c in key.components().items()
+               for name, d in declarations(type(c)).items() if d.location}  # where data was read from: not in a key
     changed = sorted(k for k, v in run.params.items() if k in rebuilt and rebuilt[k] != v and k not in RESOLVED
-                     and not k.startswith(KEY_PARAM) and not k.endswith(LOCATIONS))
+                     and k not in located and not k.startswith(KEY_PARAM))
     if changed:
         raise CorexpError("its config builds into other settings than it logged (" + ", ".join(
             f"{k}: {run.params[k]} -> {rebuilt[k]}" for k in changed[:3]) + "): the code changed their meaning; rerun it")
     ident = key.identity_of(run.tags["data_fingerprint"], run.code_digest)
-    params = {name: value for name, value in key.params().items() if name.startswith(KEY_PARAM)}
+    params = {name: value for name, value in rebuilt.items() if name.startswith(KEY_PARAM)}
     tags = {"config_hash": ident.config_hash, "setup_hash": ident.setup_hash,
             "config_hash.before_keys": run.tags.get("config_hash", "")}
     return params, tags, names.method_label(key)

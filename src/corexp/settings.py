@@ -213,7 +213,7 @@ def _key_value(value: Any) -> str:
 
 
 def parse_key(text: str) -> Component:
-    """The component a key names (`Component.key`): `parse_key(c.key()) == c` for every component."""
+    """The component a key names (`Component.key`): `parse_key(c.key()) == c.unlocated()` for every component."""
     import ast
 
     try:

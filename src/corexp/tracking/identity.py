@@ -114,17 +114,17 @@ class RunKey:
             keys["model"] = dataclasses.replace(parse_key(keys["model"]), dtype=resolved).key()
         return cls(tuple(keys.items()), int(params.get("seed", 0)))
 
-    def components(self) -> dict[str, Component]:
-        """Each group's component, parsed back from its key."""
+    @functools.cached_property
+    def _parsed(self) -> dict[str, Component]:
         _register_components()
         return {group: parse_key(key) for group, key in self.keys}
 
-    def __getitem__(self, group: str) -> Component:
-        _register_components()
-        return parse_key(dict(self.keys)[group])
+    def components(self) -> dict[str, Component]:
+        """Each group's component, parsed back from its key (once per run key)."""
+        return dict(self._parsed)
 
-    def __contains__(self, group: object) -> bool:
-        return group in dict(self.keys)
+    def __getitem__(self, group: str) -> Component:
+        return self._parsed[group]
 
     def identity(self, content: Mapping[str, str], code: str) -> Identity:
         """The keys and seed (setup), with each data set as its content fingerprint (never a path), and the code."""
