@@ -22,7 +22,7 @@ from corexp.engine.models import ModelSpec
 from corexp.engine.prompt import PromptSpec
 from corexp.engine.scoring import Scoring
 from corexp.tracking import names
-from corexp.tracking.identity import COMPUTING, Identity, RunKey, code_digest, provenance_tags
+from corexp.tracking.identity import COMPUTING, Identity, RunKey, code_digest, location_params, provenance_tags
 from corexp.tracking.tracker import RunRequest, TrackingSpec
 
 
@@ -75,6 +75,6 @@ class Job:
     def request(self) -> RunRequest:  # what the tracker needs to claim, name and describe this job's run
         key = self.run_key()
         tags = {"overrides": " ".join(self.context.overrides), **names.tags(key), **provenance_tags()}
-        params = {**key.params(), "readout_cache": str(self.options.readout_cache)}
+        params = {**key.params(), **location_params(self.components()), "readout_cache": str(self.options.readout_cache)}
         return RunRequest(self.identity(), self.run_name(), tags, params, self.config_text, self.context.parent_run_id,
                           pinned_name=bool(self.tracking.run_name))

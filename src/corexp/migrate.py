@@ -22,7 +22,6 @@ import collections
 
 from corexp.errors import CorexpError, cli_main, one_line
 from corexp.locations import project_root
-from corexp.settings import declarations
 from corexp.tracking import names
 from corexp.tracking.identity import KEY_PARAM, RunKey
 from corexp.tracking.tracker import Store, StoredRun
@@ -42,10 +41,8 @@ def rekey(store: Store, run: StoredRun) -> tuple[dict[str, str], dict[str, str],
         raise CorexpError("logged by the old heads=qrhead, which computed QR-R (the uncalibrated mass on the positive): "
                           "rerun it as heads=qr_r")
     rebuilt = key.params()
-    located = {f"{group}.{name}" for group, c in key.components().items()
-               for name, d in declarations(type(c)).items() if d.location}  # where data was read from: not in a key
     changed = sorted(k for k, v in run.params.items() if k in rebuilt and rebuilt[k] != v and k not in RESOLVED
-                     and k not in located and not k.startswith(KEY_PARAM))
+                     and not k.startswith(KEY_PARAM))  # where data was read from is not in a key, so not rebuilt
     if changed:
         raise CorexpError("its config builds into other settings than it logged (" + ", ".join(
             f"{k}: {run.params[k]} -> {rebuilt[k]}" for k in changed[:3]) + "): the code changed their meaning; rerun it")

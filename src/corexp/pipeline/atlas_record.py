@@ -18,7 +18,7 @@ from corexp.job import Job
 from corexp.locations import project_root
 from corexp.pipeline.atlas import MEASURE, Atlas, compute
 from corexp.pipeline.run import select_heads
-from corexp.tracking.identity import Identity
+from corexp.tracking.identity import Identity, location_params
 from corexp.tracking.tracker import RunRequest
 
 
@@ -105,8 +105,8 @@ def run(overrides: list[str], widths: tuple[int, ...], k: int, experiment: str, 
                         ident.data_fingerprint)
     tags = {"study": "atlas", "model": job.model.name, "dataset": job.data.name, "widths": ",".join(map(str, widths)),
             "k": str(k), "overrides": " ".join(overrides)}
-    request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, job.run_key().params(),
-                         job.config_text)
+    params = {**job.run_key().params(), **location_params(job.components())}
+    request = RunRequest(identity, f"atlas · {job.model.name} · {job.data.name}", tags, params, job.config_text)
     tracker = job.tracking.open()
     claim = tracker.claim(request, force=job.options.force)
     if claim.finished is not None:

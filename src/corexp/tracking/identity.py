@@ -28,7 +28,7 @@ from typing import Any
 
 from corexp.files import stable_key
 from corexp.locations import PACKAGE_DIR
-from corexp.settings import Component, parse_key, plain
+from corexp.settings import Component, declarations, parse_key, plain
 
 COMPUTE_PATH = ("data", "engine", "components", "pipeline")
 # Inside the compute path but computing no number: how a finished job's numbers are logged (tags, artifact names).
@@ -136,9 +136,22 @@ class RunKey:
         return Identity(stable_key(setup, fingerprint), code, setup, fingerprint)
 
     def params(self) -> dict[str, str]:
-        """MLflow params: each component's settings, flattened (`heads.k`), and its key (`key.heads`)."""
-        tree = {"seed": self.seed, **{group: plain(c) for group, c in self.components().items()}}
-        return {**flatten(tree), **{KEY_PARAM + group: key for group, key in self.keys}}
+        """MLflow params: each component's settings, flattened (`heads.k`), and its key (`key.heads`). Where data is
+        read from is not in a key, so not here: the job logs it (`location_params`)."""
+        located = {f"{group}.{name}" for group, c in self._parsed.items() for name in _locations(c)}
+        tree = {"seed": self.seed, **{group: plain(c) for group, c in self._parsed.items()}}
+        return {**{k: v for k, v in flatten(tree).items() if k not in located},
+                **{KEY_PARAM + group: key for group, key in self.keys}}
+
+
+def location_params(components: Mapping[str, Component]) -> dict[str, str]:
+    """Where the components read their data from, as MLflow params (`data.local_dir`): the location settings set."""
+    return {f"{group}.{name}": str(getattr(c, name)) for group, c in components.items() for name in _locations(c)
+            if getattr(c, name) is not None}
+
+
+def _locations(component: Component) -> list[str]:
+    return [name for name, d in declarations(type(component)).items() if d.location]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
